@@ -1,0 +1,284 @@
+"""Build a phi3v model folder that onnxruntime-genai runs, from a Phi-3-V PyTorch checkpoint.
+
+Output (the same file names as Microsoft's published folders, so built and fetched models look alike)::
+
+    phi-3-v-instruct-vision.onnx     pixel_values [images, crop_slots, 3, 336, 336], image_sizes -> image_features
+    phi-3-v-instruct-embedding.onnx  input_ids [batch, seq], image_features -> inputs_embeds
+    phi-3-v-instruct-text.onnx       the decoder, from onnxruntime_genai.models.builder (exclude_embeds=true)
+    genai_config.json, processor_config.json, tokenizer files
+
+The build runs in a temporary folder beside the output and is moved into place at the end: a failed build leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi_onnx.errors import ExportError
+
+PRECISIONS = ("fp32", "fp16", "int4")
+DEVICES = ("cpu", "cuda")
+OPSET = 17
+GRAPH_PREFIX = "phi-3-v-instruct"
+
+PROCESSOR_CONFIG = {
+    "processor": {
+        "name": "image_processing",
+        "transforms": [
+            {"operation": {"name": "decode_image", "domain": "com.microsoft.extensions", "type": "DecodeImage",
+                           "attrs": {"color_space": "BGR"}}},
+            {"operation": {"name": "convert_to_rgb", "domain": "com.microsoft.extensions", "type": "ConvertRGB"}},
+            {"operation": {"name": "phi3_image_transform", "domain": "com.microsoft.extensions",
+                           "type": "Phi3ImageTransform", "attrs": {"num_crops": 16, "num_img_tokens": 144}}},
+        ],
+    }
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    checkpoint: Path
+    output: Path
+    precision: str
+    device: str
+
+    @property
+    def io_dtype(self) -> str:
+        """Dtype of pixel_values, image_features and inputs_embeds (the published builds' convention)."""
+        return "float32" if self.device == "cpu" or self.precision == "fp32" else "float16"
+
+
+def check_plan(checkpoint: str | Path, output: str | Path, precision: str, device: str, force: bool) -> BuildPlan:
+    """Validate every argument before any work, so bad input writes nothing."""
+    from phi_onnx_export.checkpoint import check_checkpoint_dir
+    from phi_onnx_export.config import Phi3VConfig
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise ExportError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if precision == "fp16" and device == "cpu":
+        raise ExportError("precision fp16 does not run on the CPU: use --precision fp32 or int4 with --device cpu")
+    checkpoint, output = Path(checkpoint), Path(output)
+    check_checkpoint_dir(checkpoint)
+    Phi3VConfig.from_file(checkpoint / "config.json")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} exists and is not a folder: choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ExportError(f"output folder {output} is not empty: choose another --output or pass --force to replace it")
+    if output.resolve() == checkpoint.resolve():
+        raise ExportError("--output is the checkpoint folder: choose a separate output folder")
+    return BuildPlan(checkpoint, output, precision, device)
+
+
+def build(
+    checkpoint: str | Path,
+    output: str | Path,
+    precision: str = "fp32",
+    device: str = "cpu",
+    *,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a Phi-3-V checkpoint to an onnxruntime-genai phi3v folder.
+
+    Args:
+        checkpoint: Hugging Face folder (config.json with model_type phi3_v, safetensors, tokenizer files).
+        output: Folder to create; must be empty or absent unless ``force``.
+        precision: "fp32", "fp16" (cuda only) or "int4" (decoder weights MatMulNBits, block 32).
+        device: "cpu" or "cuda": the execution provider the graphs are tuned for.
+        force: Replace a non-empty output folder.
+        log: Progress callback (default: lines on stderr).
+
+    Returns:
+        The output folder.
+    """
+    log = log or _stderr
+    plan = check_plan(checkpoint, output, precision, device, force)
+    plan.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{plan.output.name}.build-", dir=plan.output.parent))
+    try:
+        _build_into(plan, staging, log)
+        if plan.output.exists():
+            shutil.rmtree(plan.output)
+        os.replace(staging, plan.output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"done: {plan.output}")
+    return plan.output
+
+
+def _stderr(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
+    import torch
+
+    from phi_onnx_export.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    log(f"loading {plan.checkpoint}")
+    model, cfg = load_checkpoint(plan.checkpoint, dtype=torch.float32)
+    names = {part: f"{GRAPH_PREFIX}-{part}.onnx" for part in ("vision", "embedding", "text")}
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        work = Path(work)
+        log("exporting the vision graph (CLIP, HD feature transform, projector)")
+        export_vision(model, out / names["vision"], plan.io_dtype)
+        log("exporting the embedding graph")
+        export_embedding(model, out / names["embedding"], plan.io_dtype)
+        log(f"building the {plan.precision} decoder with onnxruntime_genai.models.builder")
+        text_dir = work / "hf-text"
+        model.lm.save_pretrained(text_dir, safe_serialization=True)
+        del model
+        for f in plan.checkpoint.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
+                shutil.copy2(f, text_dir / f.name)
+                shutil.copy2(f, out / f.name)
+        build_decoder(text_dir, out, names["text"], plan, work / "cache")
+    write_genai_config(out, names, cfg.text.hidden_size)
+    (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
+    log(f"built in {time.perf_counter() - t0:.1f} s")
+
+
+def _export(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, io_dtype: str) -> None:
+    import torch
+
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )  # fmt: skip
+    if io_dtype == "float16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = onnx.load(str(path))
+        proto = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True)
+        onnx.save(proto, str(path))
+    _externalise(path)
+
+
+def _externalise(path: Path) -> None:
+    """Move weights to ``<name>.data`` like the published graphs (keeps the .onnx small to inspect)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    data = path.name + ".data"
+    if (path.parent / data).exists():
+        (path.parent / data).unlink()
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_vision(model, path: Path, io_dtype: str = "float32") -> None:
+    """Vision graph: ``pixel_values [images, crop_slots, 3, 336, 336]``, ``image_sizes [images, 2]`` ->
+    ``image_features [image_tokens, hidden]`` (rank 2, as onnxruntime-genai allocates it)."""
+    import torch
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = model.vision
+
+        def forward(self, pixel_values, image_sizes):
+            return self.embed(pixel_values, image_sizes)
+
+    # Two images of different grids and more slots than either needs, so nothing shape-specific is baked in.
+    pixels = torch.randn(2, 7, 3, 336, 336)
+    sizes = torch.tensor([[672, 1008], [336, 672]], dtype=torch.int64)
+    axes = {
+        "pixel_values": {0: "num_images", 1: "max_num_crops"},
+        "image_sizes": {0: "num_images"},
+        "image_features": {0: "num_image_tokens"},
+    }
+    _export(Vision(), (pixels, sizes), path, ["pixel_values", "image_sizes"], ["image_features"], axes, io_dtype)
+
+
+def export_embedding(model, path: Path, io_dtype: str = "float32") -> None:
+    """Embedding graph: ``input_ids [batch, seq]`` (negative = image slot), ``image_features [tokens, hidden]`` ->
+    ``inputs_embeds [batch, seq, hidden]``; works with zero image features."""
+    import torch
+
+    from phi_onnx_export.modeling import merge_embeddings
+
+    class Embedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = model.embed_tokens
+
+        def forward(self, input_ids, image_features):
+            return merge_embeddings(input_ids, image_features, self.embed_tokens)
+
+    hidden = model.config.text.hidden_size
+    ids = torch.tensor([[5, 6, -1, -1, -1, 7, -2, -2, 8]], dtype=torch.int64)
+    feats = torch.randn(5, hidden)
+    axes = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "image_features": {0: "num_image_tokens"},
+        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+    }
+    _export(Embedding(), (ids, feats), path, ["input_ids", "image_features"], ["inputs_embeds"], axes, io_dtype)
+
+
+def build_decoder(text_dir: Path, out: Path, filename: str, plan: BuildPlan, cache: Path) -> None:
+    """Run onnxruntime-genai's model builder on the text part (embeddings excluded: ours feed inputs_embeds)."""
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    extra = ["exclude_embeds=true", f"filename={filename}"]
+    if plan.precision == "int4":
+        extra.append("int4_block_size=32")
+        if plan.device == "cpu":
+            extra.append("int4_accuracy_level=4")
+    builder_precision = plan.precision
+    with contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
+        opts = parse_extra_options(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), extra)
+        create_model(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), **opts)
+
+
+def write_genai_config(out: Path, names: dict[str, str], hidden_size: int) -> None:
+    """Turn the builder's text-only genai_config.json into a phi3v one."""
+    path = out / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    model = cfg["model"]
+    model["type"] = "phi3v"
+    model["eos_token_id"] = [32007, 32000]
+    model["decoder"]["hidden_size"] = hidden_size
+    session = model["decoder"].get("session_options", {})
+    model["vision"] = {
+        "filename": names["vision"],
+        "session_options": dict(session),
+        "inputs": {"pixel_values": "pixel_values", "image_sizes": "image_sizes"},
+        "outputs": {"image_features": "image_features"},
+    }
+    model["embedding"] = {
+        "filename": names["embedding"],
+        "session_options": dict(session),
+        "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+        "outputs": {"inputs_embeds": "inputs_embeds"},
+    }
+    search = cfg.setdefault("search", {})
+    # Greedy by default; max_length stays modest so raw onnxruntime-genai users do not allocate a 128k KV cache
+    # (phi-onnx itself always passes prompt tokens + max_new_tokens).
+    search.update({"do_sample": False, "num_beams": 1, "top_k": 1, "top_p": 1.0, "temperature": 1.0,
+                   "max_length": min(8192, model.get("context_length", 8192)), "past_present_share_buffer": True})  # fmt: skip
+    path.write_text(json.dumps(cfg, indent=4) + "\n")

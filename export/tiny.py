@@ -1,0 +1,175 @@
+"""Random-weight Phi-3-V checkpoints with the real architecture, in the official layout.
+
+No machine of this project can download weights, so every test builds one of these and runs the real pipeline on it.
+Same size and seed, same bytes: the weights come from a seeded generator and the tokenizer is trained here on a fixed
+corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phi_onnx_export.config import Phi3VConfig, TextConfig, VisionConfig
+
+SPECIAL_TOKENS = (  # ids 32000..32010, as in Phi-3
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+)
+BASE_VOCAB = 32000
+VOCAB_SIZE = 32064
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. What is shown in this image? Describe the picture in detail.
+The chart shows sales by month: January, February, March, April, May, June, July, August, September, October,
+November and December. The table has three columns and twelve rows. A photo of a cat sitting on a red sofa.
+A document with a title, two paragraphs and a signature. The graph rises from 10 to 42 percent over 5 years.
+There are 3 people in the picture, standing in front of a white house with a green door and blue windows.
+Question: how many cars are parked on the street? Answer: four cars, two of them are black.
+Summarize the frames of the video: a man walks into the room, sits down, opens a laptop and starts typing.
+The receipt lists coffee 3.50, sandwich 7.25, total 10.75. The map shows rivers, roads and mountains.
+"""
+
+
+@dataclass(frozen=True)
+class Size:
+    vision: VisionConfig
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+
+
+SIZES: dict[str, Size] = {
+    # Every test uses `tiny`: seconds to build on 2 CPU cores.
+    "tiny": Size(VisionConfig(32, 64, 3, 4), hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4),
+    # Compute dominates overhead on a 2-core CPU; the CPU benchmark uses it.
+    "bench": Size(VisionConfig(256, 1024, 4, 4), hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16),
+    # The real dimensions of Phi-3-vision (CLIP ViT-L/14-336 and Phi-3-mini), random weights.
+    "full": Size(VisionConfig(), hidden=3072, intermediate=8192, layers=32, heads=32, kv_heads=32),
+}
+
+
+def make_config(size: str, seed: int = 0) -> Phi3VConfig:
+    s = SIZES[size]
+    gen = torch.Generator().manual_seed(seed + 1)
+    half = s.hidden // s.heads // 2
+    short = (1.0 + 0.1 * torch.rand(half, generator=gen)).tolist()
+    long = torch.linspace(1.0, 40.0, half).tolist()
+    text = TextConfig(
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_theta=10000.0,
+        short_factor=tuple(round(x, 6) for x in short),
+        long_factor=tuple(round(x, 6) for x in long),
+    )
+    return Phi3VConfig(text=text, vision=s.vision)
+
+
+def random_model(cfg: Phi3VConfig, seed: int = 0):
+    """A Phi3VModel with seeded random weights scaled so activations stay O(1) and logits are peaked
+    (greedy decoding is then well separated from ties, which keeps ONNX/PyTorch token parity meaningful)."""
+    from phi_onnx_export.modeling import Phi3VModel
+
+    torch.manual_seed(seed)
+    model = Phi3VModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim == 1 and ("norm" in name or "layer_norm" in name or "layrnorm" in name):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            elif "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (6.0 / math.sqrt(p.shape[-1])))
+            elif "embed" in name and "patch" not in name or name.endswith("_GN"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model.eval()
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 1024) -> None:
+    """Train a byte-level BPE on a fixed corpus; pad to 32000 entries; add Phi-3's special tokens at 32000+."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab), BASE_VOCAB):
+        vocab[f"<|reserved_{i}|>"] = i  # unreachable filler, so the special tokens get Phi-3's ids
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "pad_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": 131072,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+
+
+def write_random_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight Phi-3-V checkpoint in the official Hugging Face layout."""
+    from phi_onnx_export.checkpoint import save_checkpoint
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    folder = Path(folder)
+    cfg = make_config(size, seed)
+    model = random_model(cfg, seed)
+    save_checkpoint(model, cfg, folder)
+    write_tokenizer(folder)
+    gen_cfg = {"bos_token_id": 1, "eos_token_id": [32000, 32007], "pad_token_id": 32000, "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
+    return folder
