@@ -120,6 +120,21 @@ def random_model(cfg: Phi3VConfig, seed: int = 0):
     return model.eval()
 
 
+def _pseudo_words():
+    """Endless distinct byte-level words (" ka", " kabo", ...) so random weights decode to readable gibberish."""
+    syllables = [c + v for c in "bdfghklmnprstvz" for v in "aeiou"]
+    n = 0
+    while True:
+        word, i = "", n
+        while True:
+            word += syllables[i % len(syllables)]
+            i //= len(syllables)
+            if i == 0:
+                break
+        yield "\u0120" + word  # byte-level BPE spells a leading space as U+0120
+        n += 1
+
+
 def write_tokenizer(folder: Path, vocab_size: int = 1024) -> None:
     """Train a byte-level BPE on a fixed corpus; pad to 32000 entries; add Phi-3's special tokens at 32000+."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -136,8 +151,12 @@ def write_tokenizer(folder: Path, vocab_size: int = 1024) -> None:
     tok.train_from_iterator(_CORPUS.splitlines(), trainer)
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
+    words = _pseudo_words()
     for i in range(len(vocab), BASE_VOCAB):
-        vocab[f"<|reserved_{i}|>"] = i  # unreachable filler, so the special tokens get Phi-3's ids
+        word = next(words)
+        while word in vocab:
+            word = next(words)
+        vocab[word] = i  # filler no merge reaches, so the special tokens get Phi-3's ids; decodes as " kabo"
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,20 @@ from phi_onnx.errors import (
     ProviderError,
 )
 
+from phi_onnx.chat import Chat
+from phi_onnx.generation import Chunk, Generation
+from phi_onnx.model import PhiVision, load
+from phi_onnx.options import GenerationOptions
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chat",
+    "Chunk",
+    "Generation",
+    "GenerationOptions",
+    "PhiVision",
+    "load",
     "ContextLengthError",
     "DependencyError",
     "ExportError",

@@ -1,0 +1,200 @@
+"""The one place that calls onnxruntime-genai.
+
+The og Python API has changed between releases (0.4 -> 0.18: ``compute_logits`` went away, ``set_inputs`` and
+``append_tokens`` arrived, NamedTensors became assignable). Every call the package makes goes through here, so a new
+release means one module to adapt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from phi_onnx.errors import DependencyError, ModelError, ProviderError
+
+PROVIDERS = ("cpu", "cuda", "dml")
+_SESSION_GRAPHS = ("decoder", "vision", "embedding")
+
+
+@functools.cache
+def og() -> ModuleType:
+    """Import onnxruntime_genai or raise a DependencyError naming the package to install."""
+    try:
+        import onnxruntime_genai
+    except ImportError as err:
+        raise DependencyError(
+            "onnxruntime-genai is not installed: pip install 'phi-onnx[cpu]' (or 'phi-onnx[cuda]' on an NVIDIA GPU)"
+        ) from err
+    return onnxruntime_genai
+
+
+def version() -> str:
+    return getattr(og(), "__version__", "unknown")
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a GPU or driver).
+
+    ``og.is_cuda_available()`` only says the CUDA build of onnxruntime-genai is installed; it answers True on machines
+    with no GPU at all, so ask the driver itself.
+    """
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def provider_status() -> dict[str, str | None]:
+    """For each provider: None if usable here, else why not (with the package to install)."""
+    mod = og()
+    status: dict[str, str | None] = {"cpu": None}
+    if not _safe(mod, "is_cuda_available"):
+        status["cuda"] = "the installed onnxruntime-genai has no CUDA support: pip install 'phi-onnx[cuda]'"
+    elif cuda_device_count() == 0:
+        status["cuda"] = "no NVIDIA GPU or driver found on this machine"
+    else:
+        status["cuda"] = None
+    status["dml"] = None if _safe(mod, "is_dml_available") else "DirectML needs Windows and onnxruntime-genai-directml"
+    return status
+
+
+def _safe(mod: ModuleType, fn: str) -> bool:
+    try:
+        return bool(getattr(mod, fn)())
+    except Exception:  # noqa: BLE001 - an absent or failing probe means "not available", never a crash
+        return False
+
+
+def resolve_provider(device: str) -> str:
+    """Map "auto" | "cpu" | "cuda" | "dml" (also "gpu" for cuda) to a usable provider, or raise ProviderError."""
+    asked = device.lower().strip()
+    asked = "cuda" if asked == "gpu" else asked
+    status = provider_status()
+    if asked == "auto":
+        return "cuda" if status["cuda"] is None else "cpu"
+    if asked not in PROVIDERS:
+        raise ProviderError(f"unknown device '{device}': choose auto, cpu, cuda or dml")
+    reason = status[asked]
+    if reason is not None:
+        available = ", ".join(p for p, why in status.items() if why is None)
+        raise ProviderError(f"device '{asked}' is not available ({reason}); available here: {available}")
+    return asked
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def open_model(folder: Path, provider: str, threads: int | None, extra_config: Mapping[str, Any] | None = None):
+    """Create ``og.Model`` for a folder on a provider, with CPU threads set on all three sessions."""
+    mod = og()
+    try:
+        config = mod.Config(str(folder))
+        config.clear_providers()
+        if provider != "cpu":
+            config.append_provider(provider)
+        overlay: dict[str, Any] = {"model": {}}
+        if provider == "cpu":
+            n = threads or default_threads()
+            cfg = json.loads((folder / "genai_config.json").read_text())["model"]
+            for graph in _SESSION_GRAPHS:
+                if graph in cfg:
+                    overlay["model"][graph] = {
+                        "session_options": {"intra_op_num_threads": n, "inter_op_num_threads": 1}
+                    }
+        if extra_config:
+            _deep_merge(overlay, dict(extra_config))
+        if overlay["model"] or len(overlay) > 1:
+            config.overlay(json.dumps(overlay))
+        return mod.Model(config)
+    except RuntimeError as err:
+        raise ModelError(f"onnxruntime-genai could not load {folder}: {str(err).strip().splitlines()[0]}") from err
+
+
+def _deep_merge(into: dict, more: dict) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+class Tokenizer:
+    """og's tokenizer: encoding without BOS (as og's Phi processor does) and streaming decode."""
+
+    def __init__(self, model) -> None:
+        self._tok = og().Tokenizer(model)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tok.encode(text)] if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(np.asarray(ids, dtype=np.int32))
+
+    def stream(self):
+        return self._tok.create_stream()
+
+
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    # og checks numpy's type number, and int64 arrays from some producers carry "longlong" (same bits, other number).
+    return np.ascontiguousarray(value, dtype=np.dtype(value.dtype.name))
+
+
+def run_tokens(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]) -> Iterator[int]:
+    """Run the prompt and yield each generated token id until the search stops.
+
+    ``inputs`` holds ``input_ids`` (int32 [1, S], negative ids mark image slots) and, with images, ``pixel_values``,
+    ``image_sizes`` and ``num_image_tokens``. The generator is released as soon as the loop ends or is abandoned.
+    """
+    mod = og()
+    params = mod.GeneratorParams(model)
+    params.set_search_options(**search)
+    generator = mod.Generator(model, params)
+    try:
+        named = mod.NamedTensors()
+        for key, value in inputs.items():
+            if key == "input_ids":
+                value = value.astype(np.int32, copy=False)  # og reads input_ids as int32 whatever the dtype
+            named[key] = _contiguous(value)
+        generator.set_inputs(named)
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+    finally:
+        del generator
+        del params
+
+
+def processor_inputs(model, prompt: str, png_images: Sequence[bytes]) -> dict[str, np.ndarray]:
+    """og's own MultiModalProcessor (always 16 crops). Only ever given images that Pillow decoded and re-encoded:
+    og's decoder can abort the process on untrusted input."""
+    mod = og()
+    processor = model.create_multimodal_processor()
+    images = mod.Images.open_bytes(*png_images) if png_images else None
+    named = processor(prompt, images=images)
+    return {key: _contiguous(np.array(named[key].as_numpy())) for key in named.keys()}
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,78 @@
+"""Multi-turn conversations that keep their images.
+
+phi3v cannot rewind or reuse its KV cache between turns in onnxruntime-genai, so each turn re-encodes the whole
+history: earlier images stay in the conversation and ``<|image_N|>`` tags are numbered over all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from phi_onnx.generation import Chunk, Generation, collect
+from phi_onnx.images import ImageInput, load_frames
+from phi_onnx.options import GenerationOptions
+
+if TYPE_CHECKING:
+    from phi_onnx.model import PhiVision
+
+
+class Chat:
+    """A conversation with a model. Images are decoded once, when added, and kept for later turns.
+
+    Example:
+        >>> chat = model.chat()
+        >>> chat.send("What is in this picture?", images=["dog.jpg"]).text
+        >>> chat.send("And what colour is it?").text
+    """
+
+    def __init__(self, model: PhiVision, system: str | None = None, options: GenerationOptions | None = None) -> None:
+        self.model = model
+        self.options = options or model.options
+        self.system = system
+        self.messages: list[dict[str, Any]] = []
+        self.pending: list[Any] = []
+
+    @property
+    def image_count(self) -> int:
+        """Images in the conversation so far (pending ones included)."""
+        done = sum(1 for m in self.messages for p in _parts(m) if p.get("type") == "image")
+        return done + len(self.pending)
+
+    def add_image(self, image: ImageInput) -> int:
+        """Attach an image (or the frames of an animation / folder) to the next user turn; returns frames added."""
+        frames = load_frames(image, max_frames=self.model.max_frames)
+        self.pending.extend(frames)
+        return len(frames)
+
+    def reset(self) -> None:
+        """Forget the history and pending images (the system prompt stays)."""
+        self.messages.clear()
+        self.pending.clear()
+
+    def stream(self, text: str, images: Sequence[ImageInput] = (), **option_values: Any) -> Iterator[Chunk]:
+        """Send a user turn and stream the answer. The turn joins the history only once the answer is complete."""
+        for image in images:
+            self.add_image(image)
+        content: list[dict[str, Any]] = [{"type": "image", "image": f} for f in self.pending]
+        content.append({"type": "text", "text": text})
+        user = {"role": "user", "content": content}
+        history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        opts = self.options.updated(option_values) if option_values else self.options
+        parts: list[str] = []
+        for chunk in self.model.stream(messages=[*history, user], options=opts):
+            parts.append(chunk.text)
+            yield chunk
+            if chunk.finish_reason is not None:
+                self.messages.append(user)
+                self.messages.append({"role": "assistant", "content": "".join(parts)})
+                self.pending = []
+
+    def send(self, text: str, images: Sequence[ImageInput] = (), **option_values: Any) -> Generation:
+        """Send a user turn and return the whole answer."""
+        return collect(self.stream(text, images, **option_values))
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []

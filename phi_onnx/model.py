@@ -1,0 +1,299 @@
+"""Load a phi3v model folder and generate: prompt plus images, or OpenAI-style messages."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phi_onnx import _og
+from phi_onnx.errors import ModelError, OptionsError
+from phi_onnx.generation import Chunk, Generation, collect, token_chunks
+from phi_onnx.images import ImageInput, load_frames
+from phi_onnx.modelinfo import ModelInfo, inspect_model
+from phi_onnx.options import GenerationOptions
+from phi_onnx.preprocess import preprocess_images
+from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens
+
+PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
+DEFAULT_MAX_FRAMES = 16
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """What goes into the generator, and what it cost to make."""
+
+    inputs: dict[str, np.ndarray]
+    prompt: str
+    prompt_tokens: int
+    image_tokens: int
+    num_crops: int | None
+    preprocess_ms: float
+
+
+def load(
+    model: str | Path | None = None,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    options: GenerationOptions | Mapping[str, Any] | None = None,
+    preprocessor: str = "auto",
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    variant: str = "auto",
+    revision: str | None = None,
+) -> PhiVision:
+    """Load a Phi-3-vision / Phi-3.5-vision ONNX model.
+
+    Args:
+        model: A local model folder, a Hugging Face repo id, or None for the default official model.
+        device: "auto" (CUDA when a GPU is really usable, else CPU), "cpu", "cuda" or "dml".
+        threads: CPU threads per session; default all cores available to this process.
+        options: Default generation options for this model (each call may override them).
+        preprocessor: "auto", "phi-onnx" (our HD transform, honours num_crops) or "onnxruntime-genai" (og's own
+            processor: always 16 crops).
+        max_frames: Most frames taken from an animated image or a folder of frames (sampled evenly).
+        variant: For a Hub repo: "auto", "cpu-int4", "gpu-int4" or a folder in the repo.
+        revision: For a Hub repo: a branch, tag or commit.
+
+    Returns:
+        A :class:`PhiVision` ready to generate.
+    """
+    provider = _og.resolve_provider(device)
+    if model is None or not Path(model).expanduser().exists():
+        from phi_onnx.hub import fetch, resolve_model
+
+        folder = (
+            fetch(str(model), variant=variant, cuda=provider == "cuda", revision=revision)
+            if model is not None and (variant != "auto" or revision)
+            else resolve_model(model, cuda=provider == "cuda")
+        )
+    else:
+        folder = Path(model).expanduser()
+    return PhiVision(folder, provider, threads=threads, options=options, preprocessor=preprocessor, max_frames=max_frames)
+
+
+class PhiVision:
+    """A loaded model. Create it with :func:`load`."""
+
+    def __init__(
+        self,
+        folder: Path,
+        provider: str,
+        *,
+        threads: int | None = None,
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        preprocessor: str = "auto",
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        if preprocessor not in PREPROCESSORS:
+            raise OptionsError(f"unknown preprocessor '{preprocessor}': choose one of {', '.join(PREPROCESSORS)}")
+        if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+            raise OptionsError(f"max_frames must be a positive whole number, got {max_frames!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise OptionsError(f"threads must be a positive whole number, got {threads!r}")
+        self.info: ModelInfo = inspect_model(folder)
+        self.folder = self.info.folder
+        self.device = provider
+        self.threads = threads or (_og.default_threads() if provider == "cpu" else None)
+        self.options = _as_options(options) if options is not None else GenerationOptions()
+        self.preprocessor = preprocessor
+        self.max_frames = max_frames
+        self._model = _og.open_model(self.folder, provider, self.threads)
+        self._tokenizer = _og.Tokenizer(self._model)
+        self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
+
+    def __repr__(self) -> str:
+        return f"PhiVision({str(self.folder)!r}, device={self.device!r})"
+
+    @property
+    def context_length(self) -> int:
+        return self.info.context_length
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] | ImageInput = (),
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        **option_values: Any,
+    ) -> Iterator[Chunk]:
+        """Generate an answer chunk by chunk.
+
+        Give either ``prompt`` (plain text, optionally with ``<|image_N|>`` tags) plus ``images``, or ``messages``
+        (OpenAI style: roles system/user/assistant, content a string or a list of text and image parts).
+
+        Args:
+            prompt: The question. Without tags, the images go before the text.
+            images: Paths, bytes, PIL images, numpy arrays or data: URLs; animated images and folders become frames.
+            messages: A conversation instead of prompt and images.
+            options: Generation options (a GenerationOptions or a dict); keywords override single fields.
+
+        Yields:
+            Chunks of new text with running numbers; the last carries ``finish_reason``.
+        """
+        start = time.perf_counter()
+        opts = self._options(options, option_values)
+        prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
+        search = opts.search_options(prepared.prompt_tokens, self.context_length)
+        stream = self._tokenizer.stream()
+        tokens = _og.run_tokens(self._model, prepared.inputs, search)
+        yield from token_chunks(
+            tokens,
+            stream.decode,
+            start=start,
+            preprocess_ms=prepared.preprocess_ms,
+            prompt_tokens=prepared.prompt_tokens,
+            image_tokens=prepared.image_tokens,
+            max_new_tokens=opts.max_new_tokens,
+            eos_ids=self._eos,
+            stops=opts.stop,
+        )
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] | ImageInput = (),
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        options: GenerationOptions | Mapping[str, Any] | None = None,
+        **option_values: Any,
+    ) -> Generation:
+        """Generate a whole answer; the same arguments as :meth:`stream`."""
+        opts = self._options(options, option_values)
+        chunks = self.stream(prompt, images, messages=messages, options=opts)
+        n_images = None if messages is not None else len(_as_list(images))
+        return collect(chunks, num_crops=opts.crops_for(n_images) if n_images else None)
+
+    def chat(self, system: str | None = None, **option_values: Any):
+        """Start a multi-turn conversation (see :class:`phi_onnx.chat.Chat`)."""
+        from phi_onnx.chat import Chat
+
+        return Chat(self, system=system, options=self._options(None, option_values))
+
+    def prepare(
+        self,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] | ImageInput = (),
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        options: GenerationOptions | None = None,
+        start: float | None = None,
+    ) -> PreparedInputs:
+        """Decode images, run the HD transform and tokenise: the generator's inputs, without generating."""
+        start = time.perf_counter() if start is None else start
+        opts = options or self.options
+        text, frames = self._prompt_and_frames(prompt, images, messages)
+        num_crops = opts.crops_for(len(frames)) if frames else None
+        use_og = self._use_og_processor(num_crops) if frames else False
+        if use_og:
+            inputs = _og.processor_inputs(self._model, text, [_og.png_bytes(f) for f in frames])
+            num_crops = 16
+        elif frames:
+            slots = self.info.crop_slots
+            pre = preprocess_images(frames, num_crops, crop_slots=slots)
+            ids = splice_image_tokens(text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist())
+            inputs = {
+                "input_ids": ids,
+                "pixel_values": pre.pixel_values.astype(self._pixel_dtype(), copy=False),
+                "image_sizes": pre.image_sizes,
+                "num_image_tokens": pre.num_image_tokens,
+            }
+        else:
+            inputs = {"input_ids": splice_image_tokens(text, self._tokenizer.encode, [])}
+        ids = inputs["input_ids"]
+        image_tokens = int((ids < 0).sum())
+        opts.max_length(ids.shape[1], self.context_length)  # raises ContextLengthError with the numbers
+        return PreparedInputs(
+            inputs, text, int(ids.shape[1]), image_tokens, num_crops, (time.perf_counter() - start) * 1e3
+        )
+
+    def _prompt_and_frames(self, prompt, images, messages) -> tuple[str, list]:
+        if messages is not None:
+            if prompt is not None or _as_list(images):
+                raise OptionsError("give either messages, or a prompt with images, not both")
+            expanded = [_expand_message(m, self.max_frames) for m in messages]
+            built = build_prompt(expanded)
+            return built.text, list(built.images)
+        if prompt is None:
+            raise OptionsError("nothing to answer: give a prompt (and images) or messages")
+        if not isinstance(prompt, str):
+            raise OptionsError(f"prompt must be a string, got {type(prompt).__name__}")
+        frames = [f for src in _as_list(images) for f in load_frames(src, max_frames=self.max_frames)]
+        return prompt_from_text(prompt, len(frames)), frames
+
+    def _use_og_processor(self, num_crops: int) -> bool:
+        if self.preprocessor == "onnxruntime-genai":
+            return True
+        slots = self.info.crop_slots
+        if slots is not None and num_crops + 1 > slots:
+            if self.preprocessor == "phi-onnx":
+                raise OptionsError(
+                    f"num_crops {num_crops} needs {num_crops + 1} crop slots but this model's vision graph has "
+                    f"{slots}: use num_crops <= {slots - 1}"
+                )
+            warnings.warn(
+                f"this model's vision graph fixes {slots} crop slots; num_crops {num_crops} does not fit, so "
+                "onnxruntime-genai's own processor (16 crops) is used instead",
+                stacklevel=4,
+            )
+            return True
+        return False
+
+    def _pixel_dtype(self) -> np.dtype:
+        info = self.info.vision.input(self.info.config["model"].get("vision", {}).get("inputs", {}).get(
+            "pixel_values", "pixel_values"))  # fmt: skip
+        return np.dtype({"float16": np.float16}.get(info.dtype if info else "", np.float32))
+
+    def _options(self, options, values: Mapping[str, Any]) -> GenerationOptions:
+        base = self.options if options is None else _as_options(options)
+        return base.updated(values) if values else base
+
+
+def _as_options(options: GenerationOptions | Mapping[str, Any]) -> GenerationOptions:
+    if isinstance(options, GenerationOptions):
+        return options
+    if isinstance(options, Mapping):
+        return GenerationOptions.from_mapping(options)
+    raise OptionsError(f"options must be a GenerationOptions or a dict, got {type(options).__name__}")
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, Path)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def _expand_message(message: Any, max_frames: int) -> Any:
+    """Replace each image part with one part per frame (decoded with Pillow)."""
+    if not isinstance(message, Mapping) or not isinstance(message.get("content"), list):
+        return message
+    parts = []
+    for part in message["content"]:
+        if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
+            src = part.get("image") if part.get("type") == "image" else part.get("image_url")
+            if isinstance(src, Mapping):
+                src = src.get("url")
+            if src is not None:
+                parts.extend({"type": "image", "image": f} for f in load_frames(src, max_frames=max_frames))
+                continue
+        parts.append(part)
+    return {**message, "content": parts}
+
+
+def _end_tokens(tokenizer: _og.Tokenizer) -> list[int]:
+    ids = []
+    for text in ("<|end|>", "<|endoftext|>"):
+        encoded = tokenizer.encode(text)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    if not ids:
+        raise ModelError("the tokenizer has no <|end|> token: is this a Phi-3-vision tokenizer?")
+    return ids

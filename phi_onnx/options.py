@@ -1,0 +1,170 @@
+"""Generation options: one validated object, mapped one to one to onnxruntime-genai search options.
+
+The CLI builds its flags from :data:`FIELDS`, so the Python API and the command line accept the same names, types and
+ranges.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from phi_onnx.errors import ContextLengthError, OptionsError
+
+MAX_CROPS = 64
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: type
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("max_new_tokens", int, "Most tokens to generate.", 1, 131072),
+    Field("min_new_tokens", int, "Fewest tokens to generate before end-of-turn may stop (benchmarks fix length).", 0, 131072),
+    Field("temperature", float, "Sampling temperature; 0 means greedy.", 0, 100),
+    Field("top_k", int, "Sample from the k most likely tokens (0 = no limit).", 0, 1_000_000),
+    Field("top_p", float, "Nucleus sampling: smallest token set with this total probability.", 0, 1, low_open=True),
+    Field("do_sample", bool, "Sample instead of greedy decoding (default: on when temperature > 0)."),
+    Field("repetition_penalty", float, "Penalty for repeated tokens (1 = none).", 0, 10, low_open=True),
+    Field("seed", int, "Random seed for sampling (same seed, same text).", 0, 2**31 - 1),
+    Field("num_crops", int, "HD crops per image (default 16 for one image, 4 for several).", 1, MAX_CROPS),
+)
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. Every field is validated on creation.
+
+    Attributes:
+        max_new_tokens: Most tokens to generate (the generation stops earlier at ``<|end|>``).
+        min_new_tokens: Fewest tokens before end-of-turn may stop generation.
+        temperature: 0 for greedy decoding; > 0 samples (unless ``do_sample`` is False).
+        top_k: Keep the k most likely tokens when sampling; 0 keeps all.
+        top_p: Nucleus sampling threshold in (0, 1].
+        do_sample: Force sampling on or off; None decides from ``temperature``.
+        repetition_penalty: > 0; 1 disables it.
+        seed: Sampling seed; None picks a random one.
+        stop: Strings that end the generation; the text returned stops before them.
+        num_crops: HD crops per image; None uses 16 for a single image and 4 for several images or frames.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_crops: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if value is None and f.name in ("do_sample", "seed", "num_crops"):
+                continue
+            object.__setattr__(self, f.name, _check(f, value))
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+            raise OptionsError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.min_new_tokens > self.max_new_tokens:
+            raise OptionsError(
+                f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens ({self.max_new_tokens}): "
+                "lower min_new_tokens or raise max_new_tokens"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None, **more: Any) -> GenerationOptions:
+        """Build options from a dict and keywords; unknown keys are an error that suggests the closest name."""
+        merged = {**(values or {}), **more}
+        known = {f.name for f in fields(cls)}
+        for key in merged:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                suggestion = f"did you mean '{hint[0]}'?" if hint else f"valid options: {', '.join(sorted(known))}"
+                raise OptionsError(f"unknown option '{key}': {suggestion}")
+        return cls(**merged)
+
+    def updated(self, values: Mapping[str, Any] | None = None, **more: Any) -> GenerationOptions:
+        """A copy with some fields changed (validated like the constructor); None values are ignored."""
+        changes = {k: v for k, v in {**(values or {}), **more}.items() if v is not None}
+        GenerationOptions.from_mapping(changes)  # reject unknown names with the same message
+        return replace(self, **changes)
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0 if self.do_sample is None else self.do_sample
+
+    def crops_for(self, num_images: int) -> int:
+        """num_crops in effect for a prompt with this many images (16 for one, 4 for several)."""
+        if self.num_crops is not None:
+            return self.num_crops
+        return 16 if num_images <= 1 else 4
+
+    def max_length(self, prompt_tokens: int, context_length: int) -> int:
+        """``max_length`` for onnxruntime-genai: prompt + new tokens, checked against the context."""
+        total = prompt_tokens + self.max_new_tokens
+        if total > context_length:
+            raise ContextLengthError(
+                f"prompt is {prompt_tokens:,} tokens, max_new_tokens {self.max_new_tokens:,}, context "
+                f"{context_length:,}: shorten the prompt or history, lower num_crops, or lower max_new_tokens"
+            )
+        return total
+
+    def search_options(self, prompt_tokens: int, context_length: int) -> dict[str, Any]:
+        """The onnxruntime-genai search options for this request."""
+        opts: dict[str, Any] = {
+            "max_length": self.max_length(prompt_tokens, context_length),
+            "min_length": prompt_tokens + self.min_new_tokens if self.min_new_tokens else 0,
+            "repetition_penalty": self.repetition_penalty,
+            "num_beams": 1,
+        }
+        if self.sampling:
+            opts.update(
+                do_sample=True,
+                temperature=self.temperature if self.temperature > 0 else 1.0,
+                top_k=self.top_k,
+                top_p=self.top_p,
+            )
+            if self.seed is not None:
+                opts["random_seed"] = self.seed
+        else:
+            opts.update(do_sample=False, top_k=1, top_p=1.0, temperature=1.0)
+        return opts
+
+
+def _check(f: Field, value: Any) -> Any:
+    if f.kind is bool:
+        if not isinstance(value, bool):
+            raise OptionsError(f"{f.name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionsError(f"{f.name} must be a number, got {value!r}")
+    if f.kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise OptionsError(f"{f.name} must be a whole number, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    too_low = f.low is not None and (value <= f.low if f.low_open else value < f.low)
+    if too_low or (f.high is not None and value > f.high):
+        low = "(" if f.low_open else "["
+        raise OptionsError(f"{f.name} is {value}, outside its range {low}{_num(f.low)}, {_num(f.high)}]")
+    return value
+
+
+def _num(x: float | None) -> str:
+    return "-inf" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
