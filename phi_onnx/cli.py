@@ -1,8 +1,284 @@
-"""The phi-onnx command line."""
+"""The phi-onnx command line: run, chat, fetch, info, export, bench.
+
+Generated text goes to stdout; progress, stats and warnings to stderr. Package errors become one line on stderr and
+exit code 2; unexpected exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 import click
 
+from phi_onnx.errors import PhiOnnxError
+from phi_onnx.options import FIELDS
 
-@click.group()
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.jpg"
+
+
+class _Group(click.Group):
+    """Turns phi-onnx errors into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PhiOnnxError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _warnings_to_stderr() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="phi-onnx")
 def main() -> None:
-    """Run Phi-3-vision / Phi-3.5-vision on ONNX Runtime GenAI."""
+    """Run Phi-3-vision and Phi-3.5-vision on ONNX Runtime GenAI.
+
+    \b
+    Examples:
+      phi-onnx run -i dog.jpg "Describe this image."
+      phi-onnx chat
+      phi-onnx export tiny --output ./tiny && phi-onnx run ./tiny -i dog.jpg "What is this?"
+    """
+    _warnings_to_stderr()
+
+
+def option_flags(fn):
+    """Add one CLI flag per generation option (the same names, types and ranges as GenerationOptions)."""
+    for f in reversed(FIELDS):
+        flag = "--" + f.name.replace("_", "-")
+        if f.kind is bool:
+            fn = click.option(f"{flag}/--greedy", f.name, default=None, help=f.help)(fn)
+        else:
+            kind = click.INT if f.kind is int else click.FLOAT
+            fn = click.option(flag, f.name, type=kind, default=None, help=f.help)(fn)
+    fn = click.option("--stop", multiple=True, help="Stop at this string (repeatable).")(fn)
+    return fn
+
+
+def model_flags(fn):
+    fn = click.option("--preprocessor", type=click.Choice(["auto", "phi-onnx", "onnxruntime-genai"]), default="auto",
+                      help="Image preprocessing: ours (honours num_crops) or onnxruntime-genai's (16 crops).")(fn)  # fmt: skip
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")(fn)
+    fn = click.option("-d", "--device", default="auto", show_default=True, help="auto, cpu, cuda or dml.")(fn)
+    fn = click.option("--variant", default="auto", show_default=True,
+                      help="For a Hub model: auto, cpu-int4, gpu-int4 or a folder in the repo.")(fn)  # fmt: skip
+    return fn
+
+
+def _options(values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in FIELDS}
+    opts = {k: v for k, v in values.items() if k in names and v is not None}
+    if values.get("stop"):
+        opts["stop"] = tuple(values["stop"])
+    return opts
+
+
+def _load(model: str | None, kw: dict[str, Any]):
+    from phi_onnx.model import load
+
+    return load(model, device=kw["device"], threads=kw["threads"], preprocessor=kw["preprocessor"],
+                variant=kw["variant"], max_frames=kw.get("max_frames") or 16)  # fmt: skip
+
+
+def _stats(result) -> str:
+    return (
+        f"[{result.prompt_tokens} prompt tokens ({result.image_tokens} image), {result.generated_tokens} generated; "
+        f"first token {result.time_to_first_token_ms:.0f} ms (preprocess {result.preprocess_ms:.0f} ms), "
+        f"{result.decode_tokens_per_s:.1f} tokens/s; {result.finish_reason}]"
+    )
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="[MODEL] PROMPT")
+@click.option("-m", "--model", "model_opt", default=None, help="Model folder or Hub repo (default: the official one).")
+@click.option("-i", "--image", "images", multiple=True, help="An image, animated GIF/WebP or folder of frames (repeatable).")
+@click.option("-s", "--system", default=None, help="A system prompt.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@option_flags
+@model_flags
+def run(args: tuple[str, ...], model_opt: str | None, images: tuple[str, ...], system: str | None,
+        as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Answer one prompt about images, streaming the answer to stdout.
+
+    \b
+    Examples:
+      phi-onnx run -i dog.jpg "Describe this image."
+      phi-onnx run ./my-model -i page1.png -i page2.png "Compare the two pages."
+      phi-onnx run -i clip.gif --num-crops 4 "What happens in this video?"
+      phi-onnx run --json -i chart.png "What does this chart show?" | jq .text
+    """
+    if not args:
+        raise click.UsageError("give a PROMPT, e.g. phi-onnx run -i dog.jpg \"Describe this image.\"")
+    if len(args) > 2:
+        raise click.UsageError(f"expected [MODEL] PROMPT, got {len(args)} arguments: quote the prompt")
+    model, prompt = (args[0], args[1]) if len(args) == 2 else (model_opt, args[0])
+    if len(args) == 2 and model_opt:
+        raise click.UsageError("give the model either as an argument or with --model, not both")
+    lm = _load(model, kw)
+    opts = _options(kw)
+    if system:
+        content = [*({"type": "image_url", "image_url": {"url": str(i)}} for i in images), {"type": "text", "text": prompt}]
+        request = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": content}]}
+    else:
+        request = {"prompt": prompt, "images": list(images)}
+    from phi_onnx.generation import collect
+
+    chunks = lm.stream(**request, **opts)
+    if as_json:
+        result = collect(chunks)
+        data = result.to_dict()
+        data.pop("token_ids")
+        data["num_crops"] = opts.get("num_crops") or (lm.options.crops_for(len(images)) if images else None)
+        data["model"] = str(lm.folder)
+        data["device"] = lm.device
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    result = collect(_echo(chunks))
+    click.echo()
+    click.echo(_stats(result), err=True)
+
+
+def _echo(chunks):
+    for chunk in chunks:
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
+        yield chunk
+
+
+CHAT_HELP = """commands: /image PATH (attach to the next message), /reset (forget the conversation), /exit"""
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-s", "--system", default=None, help="A system prompt.")
+@click.option("-i", "--image", "images", multiple=True, help="Attach an image to the first message (repeatable).")
+@click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
+@option_flags
+@model_flags
+def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: Any) -> None:
+    """Talk with the model; images stay in the conversation across turns.
+
+    \b
+    Inside the chat:
+      /image PATH   attach an image (or GIF, or folder of frames) to your next message
+      /reset        start over
+      /exit         leave (or Ctrl-D)
+    \b
+    Examples:
+      phi-onnx chat
+      phi-onnx chat ./my-model -i receipt.jpg --max-new-tokens 512
+    """
+    lm = _load(model, kw)
+    conversation = lm.chat(system=system, **_options(kw))
+    for image in images:
+        conversation.add_image(image)
+    interactive = sys.stdin.isatty()
+    click.echo(f"phi-onnx chat on {lm.folder} ({lm.device}); {CHAT_HELP}", err=True)
+    while True:
+        try:
+            line = click.prompt("", prompt_suffix="> ", default="", show_default=False, err=True) if interactive \
+                else sys.stdin.readline()  # fmt: skip
+        except (EOFError, click.Abort):
+            break
+        if not interactive and line == "":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            conversation.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            if not path:
+                click.echo("usage: /image PATH", err=True)
+                continue
+            try:
+                n = conversation.add_image(path)
+            except PhiOnnxError as err:
+                click.echo(f"error: {err}", err=True)
+                continue
+            click.echo(f"(attached {path}{f', {n} frames' if n > 1 else ''}; "
+                       f"{conversation.image_count} images in the conversation)", err=True)  # fmt: skip
+            continue
+        if line.startswith("/"):
+            click.echo(f"unknown command {line.split()[0]}; {CHAT_HELP}", err=True)
+            continue
+        try:
+            from phi_onnx.generation import collect
+
+            result = collect(_echo(conversation.stream(line)))
+        except PhiOnnxError as err:
+            click.echo(f"\nerror: {err}", err=True)
+            continue
+        click.echo()
+        click.echo(_stats(result), err=True)
+
+
+@main.command()
+@click.argument("repo", required=False)
+@click.option("--variant", default="auto", show_default=True, help="auto, cpu-int4, gpu-int4, or a folder in the repo.")
+@click.option("--revision", default=None, help="Branch, tag or commit to fetch.")
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Download into this folder instead of the Hugging Face cache.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Download again even if the files are present.")
+@click.option("-d", "--device", default="auto", show_default=True, help="Which device 'auto' picks the variant for.")
+def fetch(repo: str | None, variant: str, revision: str | None, local_dir: Path | None, force: bool, device: str) -> None:
+    """Download Microsoft's published ONNX model, verify it, and print its folder.
+
+    \b
+    Examples:
+      phi-onnx fetch                                    # microsoft/Phi-3.5-vision-instruct-onnx for this machine
+      phi-onnx fetch microsoft/Phi-3-vision-128k-instruct-onnx --variant cpu-int4
+      HF_HUB_OFFLINE=1 phi-onnx fetch                   # from the cache only
+    """
+    from phi_onnx import _og
+    from phi_onnx.hub import fetch as do_fetch
+
+    cuda = _og.resolve_provider(device) == "cuda"
+    folder = do_fetch(repo, variant=variant, cuda=cuda, revision=revision, local_dir=local_dir, force=force)
+    click.echo(str(folder))
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model: str | None, as_json: bool) -> None:
+    """Describe a model folder: type, graphs and their dtypes, providers, package versions.
+
+    \b
+    Examples:
+      phi-onnx info ./tiny
+      phi-onnx info --json ./tiny
+      phi-onnx info                 # just this machine: providers and versions
+    """
+    from phi_onnx.info import describe, render
+
+    data = describe(model)
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+def _register_optional() -> None:
+    from phi_onnx.cli_export import export
+
+    main.add_command(export)
+
+
+_register_optional()
