@@ -1,0 +1,275 @@
+"""The export step: our PyTorch Phi-3-V is faithful, checkpoints round-trip, builds are atomic, graphs match PyTorch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phi_onnx.errors import ExportError
+from phi_onnx_export.build import build, check_plan
+from phi_onnx_export.checkpoint import load_checkpoint, save_checkpoint
+from phi_onnx_export.modeling import hd_features_reference, merge_embeddings
+from phi_onnx_export.tiny import make_config, random_model, write_random_checkpoint
+from phi_onnx_export.verify import verify
+
+
+@pytest.fixture(scope="module")
+def torch_tiny(tiny_checkpoint):
+    model, cfg = load_checkpoint(tiny_checkpoint)
+    return model, cfg
+
+
+def test_clip_tower_matches_transformers_hidden_states_minus_2(torch_tiny):
+    """Our CLIP equals transformers' CLIPVisionModel hidden_states[-2] without CLS, on the same weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model, cfg = torch_tiny
+    v = cfg.vision
+    hf = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=336, patch_size=14, hidden_act="quick_gelu",
+        layer_norm_eps=v.layer_norm_eps,
+    )).eval()  # fmt: skip
+    ours = model.vision.img_processor.vision_model
+    state = ours.state_dict()
+    target = hf.state_dict()
+    prefix = next(p for p in ("vision_model.", "") if p + "pre_layrnorm.weight" in target)
+    missing = hf.load_state_dict({prefix + k: w for k, w in state.items()}, strict=False)
+    assert not [k for k in missing.missing_keys if "position_ids" not in k], missing
+    pixels = torch.randn(2, 3, 336, 336)
+    with torch.no_grad():
+        want = hf(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = ours(pixels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[[1008, 1344]], [[336, 4368], [1344, 336]], [[672, 672], [336, 336], [2688, 672]]],
+    ids=["one", "two-mixed", "three"],
+)
+def test_vectorised_hd_transform_equals_reference_loop(torch_tiny, sizes):
+    model, _ = torch_tiny
+    sizes_t = torch.tensor(sizes)
+    slots = int(max((h // 336) * (w // 336) + 1 for h, w in sizes)) + 2
+    pixels = torch.randn(len(sizes), slots, 3, 336, 336)
+    with torch.no_grad():
+        fast = model.image_features(pixels, sizes_t)
+        ref = hd_features_reference(model.vision, pixels, sizes_t)
+    expect = sum((h // 336 * (w // 336) + 1) * 144 + 1 + (h // 336 + 1) * 12 for h, w in sizes)
+    assert fast.shape == (expect, model.config.text.hidden_size)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_embeddings_places_features_in_order():
+    emb = torch.nn.Embedding(10, 3)
+    ids = torch.tensor([[4, -1, -1, 5, -2, 6]])
+    feats = torch.arange(9, dtype=torch.float32).reshape(3, 3) + 100
+    out = merge_embeddings(ids, feats, emb)
+    torch.testing.assert_close(out[0, [1, 2, 4]], feats)
+    torch.testing.assert_close(out[0, [0, 3, 5]], emb.weight[[4, 5, 6]])
+    text_only = merge_embeddings(torch.tensor([[1, 2]]), torch.zeros(0, 3), emb)
+    torch.testing.assert_close(text_only[0], emb.weight[[1, 2]])
+
+
+def test_checkpoint_roundtrip_and_determinism(tmp_path):
+    a = write_random_checkpoint(tmp_path / "a", seed=3)
+    b = write_random_checkpoint(tmp_path / "b", seed=3)
+    c = write_random_checkpoint(tmp_path / "c", seed=4)
+
+    def digest(folder: Path) -> str:
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
+
+    assert digest(a) == digest(b), "same size and seed must give the same bytes"
+    assert digest(a) != digest(c)
+    config = json.loads((a / "config.json").read_text())
+    assert config["model_type"] == "phi3_v"
+    assert config["img_processor"]["vision_config"]["hidden_size"] == 32
+    model, _ = load_checkpoint(a)
+    fresh = random_model(make_config("tiny", 3), 3)
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_checkpoint_keys_follow_the_official_layout(tiny_checkpoint):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight" in keys
+    assert "model.vision_embed_tokens.img_processor.vision_model.pre_layrnorm.weight" in keys
+    assert {"model.vision_embed_tokens.sub_GN", "model.vision_embed_tokens.glb_GN"} <= keys
+    assert "model.vision_embed_tokens.img_projection.2.weight" in keys
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.qkv_proj.weight", "lm_head.weight"} <= keys
+
+
+def test_checkpoint_without_vision_model_prefix_and_wte_alias_loads(tmp_path, torch_tiny):
+    """The other key style: CLIP keys without ``vision_model.``; the embedding table stored as ``wte``."""
+    from safetensors.torch import load_file, save_file
+
+    src = write_random_checkpoint(tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace("img_processor.vision_model.", "img_processor.")
+        key = key.replace("model.embed_tokens.weight", "model.vision_embed_tokens.wte.weight")
+        renamed[key] = value
+    save_file(renamed, str(src / "model.safetensors"))
+    model, _ = load_checkpoint(src)
+    torch.testing.assert_close(model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+
+def test_unknown_and_missing_keys_are_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = write_random_checkpoint(tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state.pop("model.vision_embed_tokens.glb_GN")
+    state["model.surprise.weight"] = torch.zeros(1)
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"1 unknown keys \(model.surprise.weight\); 1 missing keys \(.*glb_GN\)"):
+        load_checkpoint(src)
+
+
+def test_save_reloads_what_it_saved(tmp_path, torch_tiny):
+    model, cfg = torch_tiny
+    save_checkpoint(model, cfg, tmp_path / "copy")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "copy" / name).write_text("{}")
+    again, _ = load_checkpoint(tmp_path / "copy")
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: (d / "config.json").unlink(), "missing config.json"),
+        (lambda d: [p.unlink() for p in d.glob("*.safetensors")], r"missing \*\.safetensors"),
+        (lambda d: (d / "tokenizer.json").unlink(), "missing tokenizer.json"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "phi3"}'), "model_type 'phi3', not 'phi3_v'"),
+        (lambda d: (d / "config.json").write_text("{nope"), "not valid JSON"),
+    ],
+    ids=["no-config", "no-weights", "no-tokenizer", "not-phi3v", "bad-json"],
+)
+def test_bad_checkpoints_are_refused_before_writing(tmp_path, tiny_checkpoint, change, message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    change(ckpt)
+    with pytest.raises(ExportError, match=message):
+        build(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "a refused build leaves nothing behind"
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "message"),
+    [
+        ("fp8", "cpu", "unknown precision 'fp8'"),
+        ("fp32", "tpu", "unknown device 'tpu'"),
+        ("fp16", "cpu", "fp16 does not run on the CPU"),
+    ],
+)
+def test_bad_precision_or_device(tmp_path, tiny_checkpoint, precision, device, message):
+    with pytest.raises(ExportError, match=message):
+        check_plan(tiny_checkpoint, tmp_path / "out", precision, device, force=False)
+
+
+def test_non_empty_output_needs_force(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ExportError, match="not empty: choose another --output or pass --force"):
+        build(tiny_checkpoint, out)
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, tiny_checkpoint, monkeypatch):
+    import phi_onnx_export.build as b
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("decoder build failed")
+
+    monkeypatch.setattr(b, "build_decoder", boom)
+    with pytest.raises(RuntimeError, match="decoder build failed"):
+        build(tiny_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_built_folder_layout(tiny_model_dir):
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    for part in ("vision", "embedding", "text"):
+        assert f"phi-3-v-instruct-{part}.onnx" in names
+    assert {"genai_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    cfg = json.loads((tiny_model_dir / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "phi3v"
+    assert cfg["model"]["decoder"]["hidden_size"] == 64
+    assert 32007 in cfg["model"]["eos_token_id"]
+    assert cfg["search"]["max_length"] <= 8192
+
+
+def test_onnxruntime_genai_generates_from_the_built_folder(tiny_model_dir, example_image):
+    """What a new user does after `phi-onnx export tiny`: og's own processor and generator on the folder."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(tiny_model_dir))
+    processor = model.create_multimodal_processor()
+    inputs = processor("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n",
+                       images=og.Images.open(str(example_image)))  # fmt: skip
+    prompt_len = np.array(inputs["input_ids"].as_numpy()).shape[1]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_len + 5)
+    generator = og.Generator(model, params)
+    generator.set_inputs(inputs)
+    tokens = []
+    while not generator.is_done() and len(tokens) < 5:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert len(tokens) == 5
+    assert all(0 <= t < 32064 for t in tokens)
+
+
+def test_parity_fp32_against_pytorch(tiny_model_dir, tiny_checkpoint):
+    """Token counts for 8 shapes (10:1 .. 1:10), prompt logits within 1e-4, 32 greedy tokens, 0/1/3 images."""
+    report = verify(tiny_model_dir, tiny_checkpoint)
+    print(report.render())
+    assert report.passed, report.render()
+    names = [c.name for c in report.checks]
+    assert "image-token counts" in names
+    for case in ("text only", "1 image", "3 images"):
+        assert any(n.startswith(f"{case}: prompt logits") for n in names)
+        assert any(n == f"{case}: greedy tokens" and c.detail.startswith("32 tokens") for n, c in
+                   zip(names, report.checks))  # fmt: skip
+
+
+def test_parity_detects_a_wrong_vision_graph(tmp_path, tiny_model_dir, tiny_checkpoint):
+    """The parity check can fail: perturb one separator in the checkpoint and every image case must mismatch."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["model.vision_embed_tokens.glb_GN"] = state["model.vision_embed_tokens.glb_GN"] + 1.0
+    save_file(state, str(ckpt / "model.safetensors"))
+    report = verify(tiny_model_dir, ckpt, new_tokens=4, cases={"1 image": ((600, 400),), "text only": ()},
+                    count_shapes=((600, 400),))  # fmt: skip
+    failed = {c.name for c in report.checks if not c.passed}
+    assert not report.passed
+    assert any(n.startswith("1 image: prompt logits") for n in failed)
+    assert not any(n.startswith("text only") for n in failed), "text-only prompts do not touch the vision graph"
+
+
+def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
+    out = build(tiny_checkpoint, tmp_path / "int4", precision="int4", device="cpu", log=lambda m: None)
+    assert b"MatMulNBits" in (out / "phi-3-v-instruct-text.onnx").read_bytes()
+    report = verify(out, tiny_checkpoint, new_tokens=8, cases={"1 image": ((600, 400),)}, count_shapes=((600, 400),))
+    assert report.precision == "int4"
+    info = [c for c in report.checks if not c.asserted]
+    assert any("greedy agreement" in c.name for c in info)
+    assert report.passed  # only the token counts are asserted for int4
