@@ -215,8 +215,9 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
             except PhiOnnxError as err:
                 click.echo(f"error: {err}", err=True)
                 continue
+            total = conversation.image_count
             click.echo(f"(attached {path}{f', {n} frames' if n > 1 else ''}; "
-                       f"{conversation.image_count} images in the conversation)", err=True)  # fmt: skip
+                       f"{total} image{'s' if total != 1 else ''} in the conversation)", err=True)  # fmt: skip
             continue
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {CHAT_HELP}", err=True)

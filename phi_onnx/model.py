@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,12 @@ from phi_onnx.generation import Chunk, Generation, collect, token_chunks
 from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.modelinfo import ModelInfo, inspect_model
 from phi_onnx.options import GenerationOptions
-from phi_onnx.preprocess import preprocess_images
+from phi_onnx.preprocess import Preprocessed, preprocess_images
 from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
+_CACHE_SIZE = 32  # preprocessed images kept per model (chat history re-sends the same images every turn)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class PhiVision:
         self._model = _og.open_model(self.folder, provider, self.threads)
         self._tokenizer = _og.Tokenizer(self._model)
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
+        self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"PhiVision({str(self.folder)!r}, device={self.device!r})"
@@ -195,8 +199,7 @@ class PhiVision:
             inputs = _og.processor_inputs(self._model, text, [_og.png_bytes(f) for f in frames])
             num_crops = 16
         elif frames:
-            slots = self.info.crop_slots
-            pre = preprocess_images(frames, num_crops, crop_slots=slots)
+            pre = self._preprocess(frames, num_crops)
             ids = splice_image_tokens(text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist())
             inputs = {
                 "input_ids": ids,
@@ -226,6 +229,34 @@ class PhiVision:
             raise OptionsError(f"prompt must be a string, got {type(prompt).__name__}")
         frames = [f for src in _as_list(images) for f in load_frames(src, max_frames=self.max_frames)]
         return prompt_from_text(prompt, len(frames)), frames
+
+    def _preprocess(self, frames: list, num_crops: int) -> Preprocessed:
+        """The HD transform per image, reusing results for image objects seen before (same object, same crops)."""
+        slots = self.info.crop_slots
+        parts = []
+        for frame in frames:
+            key = (id(frame), num_crops, slots)
+            hit = self._pre_cache.get(key)
+            if hit is not None and hit[0]() is frame:
+                self._pre_cache.move_to_end(key)
+                parts.append(hit[1])
+                continue
+            done = preprocess_images([frame], num_crops, crop_slots=slots)
+            self._pre_cache[key] = (weakref.ref(frame), done)
+            if len(self._pre_cache) > _CACHE_SIZE:
+                self._pre_cache.popitem(last=False)
+            parts.append(done)
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.pixel_values.shape[1] for p in parts)
+        pixels = np.zeros((len(parts), width, *parts[0].pixel_values.shape[2:]), np.float32)
+        for i, p in enumerate(parts):
+            pixels[i, : p.pixel_values.shape[1]] = p.pixel_values[0]
+        return Preprocessed(
+            pixel_values=pixels,
+            image_sizes=np.concatenate([p.image_sizes for p in parts]),
+            num_image_tokens=np.concatenate([p.num_image_tokens for p in parts]),
+        )
 
     def _use_og_processor(self, num_crops: int) -> bool:
         if self.preprocessor == "onnxruntime-genai":

@@ -293,3 +293,23 @@ def test_no_memory_growth_over_100_generations(tiny_model, example_image):
     gc.collect()
     growth = (proc.memory_info().rss - base) / base
     assert growth < 0.05, f"RSS grew {growth:.1%} over 100 generations"
+
+
+def test_chat_history_images_are_preprocessed_once(tiny_model, monkeypatch):
+    import phi_onnx.model as model_module
+
+    calls = []
+    real = model_module.preprocess_images
+
+    def counting(images, num_crops, **kw):
+        calls.append((len(images), num_crops))
+        return real(images, num_crops, **kw)
+
+    monkeypatch.setattr(model_module, "preprocess_images", counting)
+    chat = tiny_model.chat(max_new_tokens=2)
+    first = chat.send("What is it?", images=[make_image(500, 300, 5)])
+    second = chat.send("Again?")
+    assert calls == [(1, 16)], "turn 2 reuses turn 1's HD transform"
+    assert second.image_tokens == first.image_tokens
+    chat.send("And this?", images=[make_image(300, 500, 6)])
+    assert calls[1:] == [(1, 4), (1, 4)], "a new crop count means a new transform for both images"
