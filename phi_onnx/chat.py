@@ -41,7 +41,11 @@ class Chat:
 
     def add_image(self, image: ImageInput) -> int:
         """Attach an image (or the frames of an animation / folder) to the next user turn; returns frames added."""
+        from phi_onnx.model import DECODED
+
         frames = load_frames(image, max_frames=self.model.max_frames)
+        for frame in frames:
+            frame.info[DECODED] = True  # decoded once; later turns reuse the object (and its cached HD transform)
         self.pending.extend(frames)
         return len(frames)
 

@@ -24,6 +24,7 @@ from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
+DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
 _CACHE_SIZE = 32  # preprocessed images kept per model (chat history re-sends the same images every turn)
 
 
@@ -312,6 +313,9 @@ def _expand_message(message: Any, max_frames: int) -> Any:
             src = part.get("image") if part.get("type") == "image" else part.get("image_url")
             if isinstance(src, Mapping):
                 src = src.get("url")
+            if getattr(src, "info", {}).get(DECODED):
+                parts.append({"type": "image", "image": src})
+                continue
             if src is not None:
                 parts.extend({"type": "image", "image": f} for f in load_frames(src, max_frames=max_frames))
                 continue
