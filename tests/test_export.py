@@ -273,3 +273,22 @@ def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
     info = [c for c in report.checks if not c.asserted]
     assert any("greedy agreement" in c.name for c in info)
     assert report.passed  # only the token counts are asserted for int4
+
+
+def test_fp16_cuda_build_has_a_consistent_dtype_chain_and_runs(tmp_path, tiny_checkpoint, tiny_model, example_image):
+    """The CUDA fp16 folder: fp16 pixel_values -> image_features -> inputs_embeds, as onnxruntime-genai requires.
+    Its graphs also run on the CPU provider, which lets us check it answers like the fp32 build."""
+    import phi_onnx
+    from phi_onnx.modelinfo import inspect_model
+
+    out = build(tiny_checkpoint, tmp_path / "fp16", precision="fp16", device="cuda", log=lambda m: None)
+    info = inspect_model(out)
+    assert info.vision.input("pixel_values").dtype == "float16"
+    assert info.vision.output("image_features").dtype == info.embedding.input("image_features").dtype == "float16"
+    assert info.embedding.output("inputs_embeds").dtype == info.decoder.input("inputs_embeds").dtype == "float16"
+    half = phi_onnx.load(out, device="cpu")
+    a = half.generate("What is this?", images=[example_image], num_crops=4, max_new_tokens=8)
+    b = tiny_model.generate("What is this?", images=[example_image], num_crops=4, max_new_tokens=8)
+    assert a.image_tokens == b.image_tokens == 757
+    agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+    assert agree >= 6, f"fp16 agrees with fp32 on {agree}/8 greedy tokens"
