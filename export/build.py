@@ -35,14 +35,26 @@ PROCESSOR_CONFIG = {
     "processor": {
         "name": "image_processing",
         "transforms": [
-            {"operation": {"name": "decode_image", "domain": "com.microsoft.extensions", "type": "DecodeImage",
-                           "attrs": {"color_space": "BGR"}}},
+            {
+                "operation": {
+                    "name": "decode_image",
+                    "domain": "com.microsoft.extensions",
+                    "type": "DecodeImage",
+                    "attrs": {"color_space": "BGR"},
+                }
+            },
             {"operation": {"name": "convert_to_rgb", "domain": "com.microsoft.extensions", "type": "ConvertRGB"}},
-            {"operation": {"name": "phi3_image_transform", "domain": "com.microsoft.extensions",
-                           "type": "Phi3ImageTransform", "attrs": {"num_crops": 16, "num_img_tokens": 144}}},
+            {
+                "operation": {
+                    "name": "phi3_image_transform",
+                    "domain": "com.microsoft.extensions",
+                    "type": "Phi3ImageTransform",
+                    "attrs": {"num_crops": 16, "num_img_tokens": 144},
+                }
+            },
         ],
     }
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -157,9 +169,16 @@ def _export(module, args: tuple, path: Path, inputs: list[str], outputs: list[st
 
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
-        )  # fmt: skip
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     if io_dtype == "float16":
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -178,7 +197,9 @@ def _externalise(path: Path) -> None:
     data = path.name + ".data"
     if (path.parent / data).exists():
         (path.parent / data).unlink()
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save(
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
 
 
 @contextlib.contextmanager
@@ -279,6 +300,15 @@ def write_genai_config(out: Path, names: dict[str, str], hidden_size: int) -> No
     search = cfg.setdefault("search", {})
     # Greedy by default; max_length stays modest so raw onnxruntime-genai users do not allocate a 128k KV cache
     # (phi-onnx itself always passes prompt tokens + max_new_tokens).
-    search.update({"do_sample": False, "num_beams": 1, "top_k": 1, "top_p": 1.0, "temperature": 1.0,
-                   "max_length": min(8192, model.get("context_length", 8192)), "past_present_share_buffer": True})  # fmt: skip
+    search.update(
+        {
+            "do_sample": False,
+            "num_beams": 1,
+            "top_k": 1,
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "max_length": min(8192, model.get("context_length", 8192)),
+            "past_present_share_buffer": True,
+        }
+    )
     path.write_text(json.dumps(cfg, indent=4) + "\n")

@@ -86,7 +86,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     missing = sorted(k for k, ours in expected.items() if ours not in state)
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} unknown keys ({', '.join(sorted(unknown)[:8])}{' …' if len(unknown) > 8 else ''})")
+        problems.append(
+            f"{len(unknown)} unknown keys ({', '.join(sorted(unknown)[:8])}{' …' if len(unknown) > 8 else ''})"
+        )
     if missing:
         problems.append(f"{len(missing)} missing keys ({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''})")
     if problems:
@@ -94,7 +96,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     for key, tensor in state.items():
         expect = model.state_dict()[key].shape
         if tuple(tensor.shape) != tuple(expect):
-            raise ExportError(f"checkpoint {path}: {official_key(key)} has shape {list(tensor.shape)}, config implies {list(expect)}")
+            raise ExportError(
+                f"checkpoint {path}: {official_key(key)} has shape {list(tensor.shape)}, config implies {list(expect)}"
+            )
     model.load_state_dict(state, assign=True, strict=True)
     _rebuild_buffers(model)
     return model.eval(), cfg

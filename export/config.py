@@ -80,7 +80,9 @@ class Phi3VConfig:
         try:
             text = _text_config(raw)
         except (KeyError, TypeError, ValueError) as err:
-            raise ExportError(f"{source} is missing or has a bad text-model field ({err}): is it a phi3_v config?") from err
+            raise ExportError(
+                f"{source} is missing or has a bad text-model field ({err}): is it a phi3_v config?"
+            ) from err
         img = raw.get("img_processor") or {}
         vision = VisionConfig(**(img.get("vision_config") or {}))
         if img.get("num_img_tokens", TOKENS_PER_CROP) != TOKENS_PER_CROP:
@@ -121,7 +123,11 @@ class Phi3VConfig:
                 "max_position_embeddings": t.max_position_embeddings,
                 "original_max_position_embeddings": t.original_max_position_embeddings,
                 "rope_theta": t.rope_theta,
-                "rope_scaling": {"type": "su", "short_factor": list(t.short_factor), "long_factor": list(t.long_factor)},
+                "rope_scaling": {
+                    "type": "su",
+                    "short_factor": list(t.short_factor),
+                    "long_factor": list(t.long_factor),
+                },
                 "rms_norm_eps": t.rms_norm_eps,
                 "hidden_act": "silu",
                 "bos_token_id": t.bos_token_id,

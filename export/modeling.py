@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from phi_onnx_export.config import TOKENS_PER_CROP, Phi3VConfig, VisionConfig
 
@@ -192,9 +191,7 @@ def hd_features_reference(embed: ImageEmbedding, pixel_values: torch.Tensor, ima
     return embed.img_projection(torch.cat(out))
 
 
-def merge_embeddings(
-    input_ids: torch.Tensor, image_features: torch.Tensor, embed_tokens: nn.Embedding
-) -> torch.Tensor:
+def merge_embeddings(input_ids: torch.Tensor, image_features: torch.Tensor, embed_tokens: nn.Embedding) -> torch.Tensor:
     """Token embeddings with image features written, in order of appearance, at the negative ids.
 
     Branch-free so it exports: a cumulative count over the image-slot mask picks the feature row; a zero row appended

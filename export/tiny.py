@@ -112,7 +112,7 @@ def random_model(cfg: Phi3VConfig, seed: int = 0):
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif "lm_head" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * (6.0 / math.sqrt(p.shape[-1])))
-            elif "embed" in name and "patch" not in name or name.endswith("_GN"):
+            elif ("embed" in name and "patch" not in name) or name.endswith("_GN"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else p.numel()

@@ -112,7 +112,7 @@ def verify(
                 paths.append(str(path))
             images = og.Images.open(*paths) if paths else None
             named = processor(prompt, images=images)
-            return {k: np.array(named[k].as_numpy()) for k in named.keys()}
+            return {k: np.array(named[k].as_numpy()) for k in named.keys()}  # noqa: SIM118 (og.NamedTensors is not iterable)
 
         counts_ok, bad = True, []
         for w, h in count_shapes:
@@ -124,9 +124,10 @@ def verify(
                 counts_ok = False
                 bad.append(f"{w}x{h}: {n} tokens, {slots} slots, formula {want}")
         report.add(
-            "image-token counts", counts_ok,
+            "image-token counts",
+            counts_ok,
             f"{len(count_shapes)} shapes match (h*w+1)*144+1+(h+1)*12" if counts_ok else "; ".join(bad),
-        )  # fmt: skip
+        )
 
         for name, sizes in (cases or CASES).items():
             tags = "".join(f"<|image_{i + 1}|>\n" for i in range(len(sizes)))
@@ -200,18 +201,36 @@ def _compare(report: Report, name: str, inputs, og_model, og, torch_model, new_t
     delta = float(np.max(np.abs(og_logits.astype(np.float32) - ref_logits)))
     scale = float(np.max(np.abs(ref_logits)))
     if precision == "fp32":
-        report.add(f"{name}: prompt logits ({seq} tokens)", delta <= LOGITS_TOLERANCE_FP32,
-                   f"max |delta| {delta:.2e} (tolerance {LOGITS_TOLERANCE_FP32:.0e}, logits up to {scale:.1f})")  # fmt: skip
+        report.add(
+            f"{name}: prompt logits ({seq} tokens)",
+            delta <= LOGITS_TOLERANCE_FP32,
+            f"max |delta| {delta:.2e} (tolerance {LOGITS_TOLERANCE_FP32:.0e}, logits up to {scale:.1f})",
+        )
         same = og_tokens == ref_tokens
         first = next((i for i, (a, b) in enumerate(zip(og_tokens, ref_tokens)) if a != b), None)
-        detail = f"{len(og_tokens)} tokens identical" if same else (
-            f"differ at step {first}: onnx {og_tokens[first:first + 4]} vs torch {ref_tokens[first:first + 4]}"
-            if first is not None else f"lengths differ: onnx {len(og_tokens)}, torch {len(ref_tokens)}")  # fmt: skip
+        detail = (
+            f"{len(og_tokens)} tokens identical"
+            if same
+            else (
+                f"differ at step {first}: onnx {og_tokens[first : first + 4]} vs torch {ref_tokens[first : first + 4]}"
+                if first is not None
+                else f"lengths differ: onnx {len(og_tokens)}, torch {len(ref_tokens)}"
+            )
+        )
         report.add(f"{name}: greedy tokens", same, detail)
     else:
         agree = sum(a == b for a, b in zip(og_tokens, ref_tokens))
         rate = agree / max(len(ref_tokens), 1)
         top1 = float(np.mean(og_logits[0].argmax(-1) == ref_logits[0].argmax(-1)))
-        report.add(f"{name}: prompt logits", math.isfinite(delta), f"max |delta| {delta:.3f} (not asserted for {precision})", False)
-        report.add(f"{name}: greedy agreement", True,
-                   f"{rate:.0%} of {len(ref_tokens)} tokens; prompt top-1 agreement {top1:.0%}", asserted=False)  # fmt: skip
+        report.add(
+            f"{name}: prompt logits",
+            math.isfinite(delta),
+            f"max |delta| {delta:.3f} (not asserted for {precision})",
+            False,
+        )
+        report.add(
+            f"{name}: greedy agreement",
+            True,
+            f"{rate:.0%} of {len(ref_tokens)} tokens; prompt top-1 agreement {top1:.0%}",
+            asserted=False,
+        )

@@ -1,5 +1,6 @@
 """phi-onnx: Phi-3-vision and Phi-3.5-vision on ONNX Runtime GenAI."""
 
+from phi_onnx.chat import Chat
 from phi_onnx.errors import (
     ContextLengthError,
     DependencyError,
@@ -12,8 +13,6 @@ from phi_onnx.errors import (
     PromptError,
     ProviderError,
 )
-
-from phi_onnx.chat import Chat
 from phi_onnx.generation import Chunk, Generation
 from phi_onnx.model import PhiVision, load
 from phi_onnx.options import GenerationOptions
@@ -23,19 +22,19 @@ __version__ = "0.1.0"
 __all__ = [
     "Chat",
     "Chunk",
-    "Generation",
-    "GenerationOptions",
-    "PhiVision",
-    "load",
     "ContextLengthError",
     "DependencyError",
     "ExportError",
     "FetchError",
+    "Generation",
+    "GenerationOptions",
     "ImageError",
     "ModelError",
     "OptionsError",
     "PhiOnnxError",
+    "PhiVision",
     "PromptError",
     "ProviderError",
     "__version__",
+    "load",
 ]

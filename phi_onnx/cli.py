@@ -35,7 +35,7 @@ class _Group(click.Group):
 
 
 def _warnings_to_stderr() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    def show(message, category, filename, lineno, file=None, line=None):
         click.echo(f"warning: {message}", err=True)
 
     warnings.showwarning = show
@@ -69,12 +69,22 @@ def option_flags(fn):
 
 
 def model_flags(fn):
-    fn = click.option("--preprocessor", type=click.Choice(["auto", "phi-onnx", "onnxruntime-genai"]), default="auto",
-                      help="Image preprocessing: ours (honours num_crops) or onnxruntime-genai's (16 crops).")(fn)  # fmt: skip
-    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")(fn)
+    fn = click.option(
+        "--preprocessor",
+        type=click.Choice(["auto", "phi-onnx", "onnxruntime-genai"]),
+        default="auto",
+        help="Image preprocessing: ours (honours num_crops) or onnxruntime-genai's (16 crops).",
+    )(fn)
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")(
+        fn
+    )
     fn = click.option("-d", "--device", default="auto", show_default=True, help="auto, cpu, cuda or dml.")(fn)
-    fn = click.option("--variant", default="auto", show_default=True,
-                      help="For a Hub model: auto, cpu-int4, gpu-int4 or a folder in the repo.")(fn)  # fmt: skip
+    fn = click.option(
+        "--variant",
+        default="auto",
+        show_default=True,
+        help="For a Hub model: auto, cpu-int4, gpu-int4 or a folder in the repo.",
+    )(fn)
     return fn
 
 
@@ -89,8 +99,14 @@ def _options(values: dict[str, Any]) -> dict[str, Any]:
 def _load(model: str | None, kw: dict[str, Any]):
     from phi_onnx.model import load
 
-    return load(model, device=kw["device"], threads=kw["threads"], preprocessor=kw["preprocessor"],
-                variant=kw["variant"], max_frames=kw.get("max_frames") or 16)  # fmt: skip
+    return load(
+        model,
+        device=kw["device"],
+        threads=kw["threads"],
+        preprocessor=kw["preprocessor"],
+        variant=kw["variant"],
+        max_frames=kw.get("max_frames") or 16,
+    )
 
 
 def _stats(result) -> str:
@@ -104,14 +120,17 @@ def _stats(result) -> str:
 @main.command()
 @click.argument("args", nargs=-1, metavar="[MODEL] PROMPT")
 @click.option("-m", "--model", "model_opt", default=None, help="Model folder or Hub repo (default: the official one).")
-@click.option("-i", "--image", "images", multiple=True, help="An image, animated GIF/WebP or folder of frames (repeatable).")
+@click.option(
+    "-i", "--image", "images", multiple=True, help="An image, animated GIF/WebP or folder of frames (repeatable)."
+)
 @click.option("-s", "--system", default=None, help="A system prompt.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @option_flags
 @model_flags
-def run(args: tuple[str, ...], model_opt: str | None, images: tuple[str, ...], system: str | None,
-        as_json: bool, **kw: Any) -> None:  # fmt: skip
+def run(
+    args: tuple[str, ...], model_opt: str | None, images: tuple[str, ...], system: str | None, as_json: bool, **kw: Any
+) -> None:
     """Answer one prompt about images, streaming the answer to stdout.
 
     \b
@@ -122,7 +141,7 @@ def run(args: tuple[str, ...], model_opt: str | None, images: tuple[str, ...], s
       phi-onnx run --json -i chart.png "What does this chart show?" | jq .text
     """
     if not args:
-        raise click.UsageError("give a PROMPT, e.g. phi-onnx run -i dog.jpg \"Describe this image.\"")
+        raise click.UsageError('give a PROMPT, e.g. phi-onnx run -i dog.jpg "Describe this image."')
     if len(args) > 2:
         raise click.UsageError(f"expected [MODEL] PROMPT, got {len(args)} arguments: quote the prompt")
     model, prompt = (args[0], args[1]) if len(args) == 2 else (model_opt, args[0])
@@ -131,7 +150,10 @@ def run(args: tuple[str, ...], model_opt: str | None, images: tuple[str, ...], s
     lm = _load(model, kw)
     opts = _options(kw)
     if system:
-        content = [*({"type": "image_url", "image_url": {"url": str(i)}} for i in images), {"type": "text", "text": prompt}]
+        content = [
+            *({"type": "image_url", "image_url": {"url": str(i)}} for i in images),
+            {"type": "text", "text": prompt},
+        ]
         request = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": content}]}
     else:
         request = {"prompt": prompt, "images": list(images)}
@@ -190,8 +212,11 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
     click.echo(f"phi-onnx chat on {lm.folder} ({lm.device}); {CHAT_HELP}", err=True)
     while True:
         try:
-            line = click.prompt("", prompt_suffix="> ", default="", show_default=False, err=True) if interactive \
-                else sys.stdin.readline()  # fmt: skip
+            line = (
+                click.prompt("", prompt_suffix="> ", default="", show_default=False, err=True)
+                if interactive
+                else sys.stdin.readline()
+            )
         except (EOFError, click.Abort):
             break
         if not interactive and line == "":
@@ -216,8 +241,11 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
                 click.echo(f"error: {err}", err=True)
                 continue
             total = conversation.image_count
-            click.echo(f"(attached {path}{f', {n} frames' if n > 1 else ''}; "
-                       f"{total} image{'s' if total != 1 else ''} in the conversation)", err=True)  # fmt: skip
+            click.echo(
+                f"(attached {path}{f', {n} frames' if n > 1 else ''}; "
+                f"{total} image{'s' if total != 1 else ''} in the conversation)",
+                err=True,
+            )
             continue
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {CHAT_HELP}", err=True)
@@ -237,11 +265,17 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
 @click.argument("repo", required=False)
 @click.option("--variant", default="auto", show_default=True, help="auto, cpu-int4, gpu-int4, or a folder in the repo.")
 @click.option("--revision", default=None, help="Branch, tag or commit to fetch.")
-@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Download into this folder instead of the Hugging Face cache.")  # fmt: skip
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Download into this folder instead of the Hugging Face cache.",
+)
 @click.option("--force", is_flag=True, help="Download again even if the files are present.")
 @click.option("-d", "--device", default="auto", show_default=True, help="Which device 'auto' picks the variant for.")
-def fetch(repo: str | None, variant: str, revision: str | None, local_dir: Path | None, force: bool, device: str) -> None:
+def fetch(
+    repo: str | None, variant: str, revision: str | None, local_dir: Path | None, force: bool, device: str
+) -> None:
     """Download Microsoft's published ONNX model, verify it, and print its folder.
 
     \b

@@ -9,8 +9,19 @@ from typing import Any
 
 from phi_onnx import _og
 
-PACKAGES = ("phi-onnx", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime", "onnxruntime-gpu", "numpy",
-            "pillow", "huggingface-hub", "torch", "transformers", "onnx")  # fmt: skip
+PACKAGES = (
+    "phi-onnx",
+    "onnxruntime-genai",
+    "onnxruntime-genai-cuda",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "pillow",
+    "huggingface-hub",
+    "torch",
+    "transformers",
+    "onnx",
+)
 
 
 def versions() -> dict[str, str]:

@@ -78,7 +78,9 @@ def load(
         )
     else:
         folder = Path(model).expanduser()
-    return PhiVision(folder, provider, threads=threads, options=options, preprocessor=preprocessor, max_frames=max_frames)
+    return PhiVision(
+        folder, provider, threads=threads, options=options, preprocessor=preprocessor, max_frames=max_frames
+    )
 
 
 class PhiVision:
@@ -278,8 +280,9 @@ class PhiVision:
         return False
 
     def _pixel_dtype(self) -> np.dtype:
-        info = self.info.vision.input(self.info.config["model"].get("vision", {}).get("inputs", {}).get(
-            "pixel_values", "pixel_values"))  # fmt: skip
+        info = self.info.vision.input(
+            self.info.config["model"].get("vision", {}).get("inputs", {}).get("pixel_values", "pixel_values")
+        )
         return np.dtype({"float16": np.float16}.get(info.dtype if info else "", np.float32))
 
     def _options(self, options, values: Mapping[str, Any]) -> GenerationOptions:

@@ -28,7 +28,13 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("max_new_tokens", int, "Most tokens to generate.", 1, 131072),
-    Field("min_new_tokens", int, "Fewest tokens to generate before end-of-turn may stop (benchmarks fix length).", 0, 131072),
+    Field(
+        "min_new_tokens",
+        int,
+        "Fewest tokens to generate before end-of-turn may stop (benchmarks fix length).",
+        0,
+        131072,
+    ),
     Field("temperature", float, "Sampling temperature; 0 means greedy.", 0, 100),
     Field("top_k", int, "Sample from the k most likely tokens (0 = no limit).", 0, 1_000_000),
     Field("top_p", float, "Nucleus sampling: smallest token set with this total probability.", 0, 1, low_open=True),

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight Phi-3-V, built once per content hash and run with the real onnxruntime-genai."""
+"""Shared fixtures: a tiny random-weight Phi-3-V, built once per content hash, run with the real onnxruntime-genai."""
 
 from __future__ import annotations
 

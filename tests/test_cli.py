@@ -35,7 +35,9 @@ def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess
 
 
 def test_run_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, example_image):
-    done = run_cli("run", str(tiny_model_dir), "-i", str(example_image), "Describe this image.", "--max-new-tokens", "6")
+    done = run_cli(
+        "run", str(tiny_model_dir), "-i", str(example_image), "Describe this image.", "--max-new-tokens", "6"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the answer goes to stdout"
     assert "1934 prompt tokens (1921 image), 6 generated" in done.stderr
@@ -43,12 +45,30 @@ def test_run_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, example_
 
 
 def test_run_json(tiny_model_dir, example_image):
-    done = run_cli("run", "-m", str(tiny_model_dir), "--json", "-i", str(example_image), "--num-crops", "4",
-                   "--max-new-tokens", "3", "Hi")  # fmt: skip
+    done = run_cli(
+        "run",
+        "-m",
+        str(tiny_model_dir),
+        "--json",
+        "-i",
+        str(example_image),
+        "--num-crops",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "Hi",
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    for key in ("text", "finish_reason", "prompt_tokens", "image_tokens", "generated_tokens",
-                "time_to_first_token_ms", "decode_tokens_per_s"):  # fmt: skip
+    for key in (
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "image_tokens",
+        "generated_tokens",
+        "time_to_first_token_ms",
+        "decode_tokens_per_s",
+    ):
         assert key in data, key
     assert data["image_tokens"] == 757
     assert data["num_crops"] == 4
@@ -80,10 +100,18 @@ def test_run_on_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_chat_keeps_history_and_commands(tiny_model_dir, example_image):
-    script = "\n".join([
-        f"/image {example_image}", "What is this?", "And now?", "/image /no/such/file.png", "/bogus", "/reset",
-        "Hello again", "/exit",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            f"/image {example_image}",
+            "What is this?",
+            "And now?",
+            "/image /no/such/file.png",
+            "/bogus",
+            "/reset",
+            "Hello again",
+            "/exit",
+        ]
+    )
     done = run_cli("chat", str(tiny_model_dir), "--max-new-tokens", "3", input=script + "\n")
     assert done.returncode == 0, done.stderr
     stats = [line for line in done.stderr.splitlines() if "prompt tokens" in line]

@@ -31,11 +31,18 @@ def test_clip_tower_matches_transformers_hidden_states_minus_2(torch_tiny):
 
     model, cfg = torch_tiny
     v = cfg.vision
-    hf = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=336, patch_size=14, hidden_act="quick_gelu",
-        layer_norm_eps=v.layer_norm_eps,
-    )).eval()  # fmt: skip
+    hf = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_hidden_layers,
+            num_attention_heads=v.num_attention_heads,
+            image_size=336,
+            patch_size=14,
+            hidden_act="quick_gelu",
+            layer_norm_eps=v.layer_norm_eps,
+        )
+    ).eval()
     ours = model.vision.img_processor.vision_model
     state = ours.state_dict()
     target = hf.state_dict()
@@ -220,8 +227,9 @@ def test_onnxruntime_genai_generates_from_the_built_folder(tiny_model_dir, examp
 
     model = og.Model(str(tiny_model_dir))
     processor = model.create_multimodal_processor()
-    inputs = processor("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n",
-                       images=og.Images.open(str(example_image)))  # fmt: skip
+    inputs = processor(
+        "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", images=og.Images.open(str(example_image))
+    )
     prompt_len = np.array(inputs["input_ids"].as_numpy()).shape[1]
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt_len + 5)
@@ -244,8 +252,9 @@ def test_parity_fp32_against_pytorch(tiny_model_dir, tiny_checkpoint):
     assert "image-token counts" in names
     for case in ("text only", "1 image", "3 images"):
         assert any(n.startswith(f"{case}: prompt logits") for n in names)
-        assert any(n == f"{case}: greedy tokens" and c.detail.startswith("32 tokens") for n, c in
-                   zip(names, report.checks))  # fmt: skip
+        assert any(
+            n == f"{case}: greedy tokens" and c.detail.startswith("32 tokens") for n, c in zip(names, report.checks)
+        )
 
 
 def test_parity_detects_a_wrong_vision_graph(tmp_path, tiny_model_dir, tiny_checkpoint):
@@ -257,8 +266,13 @@ def test_parity_detects_a_wrong_vision_graph(tmp_path, tiny_model_dir, tiny_chec
     state = load_file(str(ckpt / "model.safetensors"))
     state["model.vision_embed_tokens.glb_GN"] = state["model.vision_embed_tokens.glb_GN"] + 1.0
     save_file(state, str(ckpt / "model.safetensors"))
-    report = verify(tiny_model_dir, ckpt, new_tokens=4, cases={"1 image": ((600, 400),), "text only": ()},
-                    count_shapes=((600, 400),))  # fmt: skip
+    report = verify(
+        tiny_model_dir,
+        ckpt,
+        new_tokens=4,
+        cases={"1 image": ((600, 400),), "text only": ()},
+        count_shapes=((600, 400),),
+    )
     failed = {c.name for c in report.checks if not c.passed}
     assert not report.passed
     assert any(n.startswith("1 image: prompt logits") for n in failed)

@@ -20,8 +20,9 @@ def cuda_ready():
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
-def test_cuda_build_generates_like_the_cpu_model(cuda_ready, tmp_path, tiny_checkpoint, tiny_model, example_image,
-                                                 precision):  # fmt: skip
+def test_cuda_build_generates_like_the_cpu_model(
+    cuda_ready, tmp_path, tiny_checkpoint, tiny_model, example_image, precision
+):
     import phi_onnx
     from phi_onnx_export.build import build
 

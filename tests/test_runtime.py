@@ -49,8 +49,9 @@ def test_three_images_use_4_crops_each(tiny_model):
 
 @pytest.mark.parametrize("num_crops", [4, 16])
 def test_num_crops_sets_token_counts_and_generates(tiny_model, example_image, num_crops):
-    prepared = tiny_model.prepare("What is this?", [example_image],
-                                  options=tiny_model.options.updated(num_crops=num_crops))  # fmt: skip
+    prepared = tiny_model.prepare(
+        "What is this?", [example_image], options=tiny_model.options.updated(num_crops=num_crops)
+    )
     assert prepared.image_tokens == EXPECTED_600x400[num_crops]
     assert prepared.inputs["pixel_values"].shape == (1, num_crops + 1, 3, 336, 336)
     result = tiny_model.generate("What is this?", images=[example_image], num_crops=num_crops, max_new_tokens=3)
@@ -81,7 +82,9 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(tiny_model):
     assert g1.text == g2.text
     s1 = tiny_model.generate("Tell me a story", max_new_tokens=10, temperature=5.0, seed=7)
     s2 = tiny_model.generate("Tell me a story", max_new_tokens=10, temperature=5.0, seed=7)
-    others = {tiny_model.generate("Tell me a story", max_new_tokens=10, temperature=5.0, seed=s).text for s in (1, 2, 3)}
+    others = {
+        tiny_model.generate("Tell me a story", max_new_tokens=10, temperature=5.0, seed=s).text for s in (1, 2, 3)
+    }
     assert s1.text == s2.text
     assert len(others | {s1.text}) > 1, "different seeds should not all give the same sample"
 
@@ -97,8 +100,15 @@ def test_stop_strings_cut_the_text(tiny_model):
 
 
 def test_messages_and_prompt_agree(tiny_model, example_image):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(example_image)}},
-                                             {"type": "text", "text": "Describe it."}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": str(example_image)}},
+                {"type": "text", "text": "Describe it."},
+            ],
+        }
+    ]
     a = tiny_model.prepare(messages=messages)
     b = tiny_model.prepare("Describe it.", [example_image])
     np.testing.assert_array_equal(a.inputs["input_ids"], b.inputs["input_ids"])
@@ -230,7 +240,9 @@ def test_context_overflow_gives_the_numbers(tiny_model_dir, tmp_path):
     cfg["model"]["context_length"] = 2048
     (small / "genai_config.json").write_text(json.dumps(cfg))
     model = phi_onnx.load(small, device="cpu")
-    with pytest.raises(ContextLengthError, match=r"prompt is 1,9\d\d tokens, max_new_tokens 256, context 2,048: .*num_crops"):
+    with pytest.raises(
+        ContextLengthError, match=r"prompt is 1,9\d\d tokens, max_new_tokens 256, context 2,048: .*num_crops"
+    ):
         model.generate("x", images=[make_image(600, 400, 0)])
     assert model.generate("x", images=[make_image(600, 400, 0)], num_crops=4, max_new_tokens=2).generated_tokens == 2
 
@@ -254,7 +266,7 @@ def test_truncated_image_is_refused(tiny_model, tmp_path):
     make_image(600, 400, 0).save(buf, format="JPEG")
     path = tmp_path / "cut.jpg"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
-    with pytest.raises(ImageError, match="cut.jpg"):
+    with pytest.raises(ImageError, match=r"cut\.jpg"):
         tiny_model.generate("x", images=[path])
 
 
