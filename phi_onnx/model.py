@@ -141,16 +141,20 @@ class PhiVision:
             messages: A conversation instead of prompt and images.
             options: Generation options (a GenerationOptions or a dict); keywords override single fields.
 
-        Yields:
-            Chunks of new text with running numbers; the last carries ``finish_reason``.
+        Returns:
+            An iterator of chunks of new text with running numbers; the last carries ``finish_reason``. Inputs are
+            checked and images decoded before this returns, so bad input raises here, not mid-stream.
         """
         start = time.perf_counter()
         opts = self._options(options, option_values)
         prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
+        return self._generate_stream(prepared, opts, start)
+
+    def _generate_stream(self, prepared: PreparedInputs, opts: GenerationOptions, start: float) -> Iterator[Chunk]:
         search = opts.search_options(prepared.prompt_tokens, self.context_length)
         stream = self._tokenizer.stream()
         tokens = _og.run_tokens(self._model, prepared.inputs, search)
-        yield from token_chunks(
+        return token_chunks(
             tokens,
             stream.decode,
             start=start,
@@ -172,10 +176,10 @@ class PhiVision:
         **option_values: Any,
     ) -> Generation:
         """Generate a whole answer; the same arguments as :meth:`stream`."""
+        start = time.perf_counter()
         opts = self._options(options, option_values)
-        chunks = self.stream(prompt, images, messages=messages, options=opts)
-        n_images = None if messages is not None else len(_as_list(images))
-        return collect(chunks, num_crops=opts.crops_for(n_images) if n_images else None)
+        prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
+        return collect(self._generate_stream(prepared, opts, start), num_crops=prepared.num_crops)
 
     def chat(self, system: str | None = None, **option_values: Any):
         """Start a multi-turn conversation (see :class:`phi_onnx.chat.Chat`)."""

@@ -325,3 +325,15 @@ def test_chat_history_images_are_preprocessed_once(tiny_model, monkeypatch):
     assert second.image_tokens == first.image_tokens
     chat.send("And this?", images=[make_image(300, 500, 6)])
     assert calls[1:] == [(1, 4), (1, 4)], "a new crop count means a new transform for both images"
+
+
+def test_stream_checks_inputs_before_returning(tiny_model):
+    with pytest.raises(ImageError):
+        tiny_model.stream("x", images=["/no/such/image.png"])  # raises at the call, not at the first next()
+
+
+def test_generate_reports_num_crops_for_messages(tiny_model, example_image):
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(example_image)}, "Describe."]}]
+    messages[0]["content"][1] = {"type": "text", "text": "Describe."}
+    assert tiny_model.generate(messages=messages, max_new_tokens=2).num_crops == 16
+    assert tiny_model.generate("Hi", max_new_tokens=2).num_crops is None
