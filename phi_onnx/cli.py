@@ -139,6 +139,7 @@ def run(
       phi-onnx run ./my-model -i page1.png -i page2.png "Compare the two pages."
       phi-onnx run -i clip.gif --num-crops 4 "What happens in this video?"
       phi-onnx run --json -i chart.png "What does this chart show?" | jq .text
+      cat question.txt | phi-onnx run -i scan.png -      # the prompt from standard input
     """
     if not args:
         raise click.UsageError('give a PROMPT, e.g. phi-onnx run -i dog.jpg "Describe this image."')
@@ -147,6 +148,10 @@ def run(
     model, prompt = (args[0], args[1]) if len(args) == 2 else (model_opt, args[0])
     if len(args) == 2 and model_opt:
         raise click.UsageError("give the model either as an argument or with --model, not both")
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise click.UsageError("the prompt read from standard input is empty")
     lm = _load(model, kw)
     opts = _options(kw)
     if system:

@@ -171,3 +171,11 @@ def test_export_build_missing_checkpoint_files(tmp_path, tiny_checkpoint):
     assert done.returncode == 2
     assert "missing config.json" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_run_reads_the_prompt_from_stdin(tiny_model_dir):
+    done = run_cli("run", str(tiny_model_dir), "-", "--max-new-tokens", "2", input="What is two plus two?\n")
+    assert done.returncode == 0, done.stderr
+    assert "2 generated" in done.stderr
+    empty = run_cli("run", str(tiny_model_dir), "-", input="\n")
+    assert empty.returncode == 2 and "empty" in empty.stderr
