@@ -63,6 +63,7 @@ class BuildPlan:
     output: Path
     precision: str
     device: str
+    int8_prefill: bool = False
 
     @property
     def io_dtype(self) -> str:
@@ -70,7 +71,14 @@ class BuildPlan:
         return "float32" if self.device == "cpu" or self.precision == "fp32" else "float16"
 
 
-def check_plan(checkpoint: str | Path, output: str | Path, precision: str, device: str, force: bool) -> BuildPlan:
+def check_plan(
+    checkpoint: str | Path,
+    output: str | Path,
+    precision: str,
+    device: str,
+    force: bool,
+    int8_prefill: bool | None = None,
+) -> BuildPlan:
     """Validate every argument before any work, so bad input writes nothing."""
     from phi_onnx_export.checkpoint import check_checkpoint_dir
     from phi_onnx_export.config import Phi3VConfig
@@ -90,7 +98,10 @@ def check_plan(checkpoint: str | Path, output: str | Path, precision: str, devic
         raise ExportError(f"output folder {output} is not empty: choose another --output or pass --force to replace it")
     if output.resolve() == checkpoint.resolve():
         raise ExportError("--output is the checkpoint folder: choose a separate output folder")
-    return BuildPlan(checkpoint, output, precision, device)
+    cpu_int4 = precision == "int4" and device == "cpu"
+    if int8_prefill and not cpu_int4:
+        raise ExportError("--int8-prefill applies to --precision int4 --device cpu builds only: drop it")
+    return BuildPlan(checkpoint, output, precision, device, cpu_int4 if int8_prefill is None else int8_prefill)
 
 
 def build(
@@ -100,6 +111,7 @@ def build(
     device: str = "cpu",
     *,
     force: bool = False,
+    int8_prefill: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a Phi-3-V checkpoint to an onnxruntime-genai phi3v folder.
@@ -110,13 +122,16 @@ def build(
         precision: "fp32", "fp16" (cuda only) or "int4" (decoder weights MatMulNBits, block 32).
         device: "cpu" or "cuda": the execution provider the graphs are tuned for.
         force: Replace a non-empty output folder.
+        int8_prefill: CPU int4 only (default on there): give the decoder an int8 copy of its int4 weights that the
+            prompt pass runs on the CPU's integer GEMM kernels (about 2x faster time to first token), and quantize
+            the vision graph to int8. Costs memory: the int8 copy is twice the int4 decoder body.
         log: Progress callback (default: lines on stderr).
 
     Returns:
         The output folder.
     """
     log = log or _stderr
-    plan = check_plan(checkpoint, output, precision, device, force)
+    plan = check_plan(checkpoint, output, precision, device, force, int8_prefill)
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.output.name}.build-", dir=plan.output.parent))
     try:
@@ -159,6 +174,12 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
                 shutil.copy2(f, text_dir / f.name)
                 shutil.copy2(f, out / f.name)
         build_decoder(text_dir, out, names["text"], plan, work / "cache")
+        if plan.int8_prefill:
+            from phi_onnx_export.cpu_int4 import dual_path_decoder, quantize_vision_int8
+
+            log("int4 on the CPU: int8 (AMX/VNNI) kernels for prompt processing and the vision graph")
+            dual_path_decoder(out / names["text"])
+            quantize_vision_int8(out / names["vision"], work)
     write_genai_config(out, names, cfg.text.hidden_size)
     (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
     log(f"built in {time.perf_counter() - t0:.1f} s")
@@ -265,7 +286,9 @@ def build_decoder(text_dir: Path, out: Path, filename: str, plan: BuildPlan, cac
     """Run onnxruntime-genai's model builder on the text part (embeddings excluded: ours feed inputs_embeds)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    extra = ["exclude_embeds=true", f"filename={filename}"]
+    # prune_lm_head: the prompt pass computes logits for the last position only (generation reads nothing else);
+    # for a 2k-token image prompt that skips a [2k x hidden] x [hidden x 32064] MatMul and a 250 MB logits copy.
+    extra = ["exclude_embeds=true", f"filename={filename}", "prune_lm_head=true"]
     if plan.precision == "int4":
         extra.append("int4_block_size=32")
         if plan.device == "cpu":

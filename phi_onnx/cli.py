@@ -316,9 +316,11 @@ def info(model: str | None, as_json: bool) -> None:
 
 
 def _register_optional() -> None:
+    from phi_onnx.cli_bench import bench
     from phi_onnx.cli_export import export
 
     main.add_command(export)
+    main.add_command(bench)
 
 
 _register_optional()

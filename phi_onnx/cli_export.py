@@ -37,21 +37,27 @@ def export() -> None:
 @click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 (cuda) or int4.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda: the provider the graphs target.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def build(checkpoint: Path, output: Path, precision: str, device: str, force: bool) -> None:
+@click.option(
+    "--int8-prefill/--no-int8-prefill",
+    default=None,
+    help="CPU int4: an int8 weight copy for the prompt pass (faster first token, more memory). Default on.",
+)
+def build(checkpoint: Path, output: Path, precision: str, device: str, force: bool, int8_prefill: bool | None) -> None:
     """Export vision, embedding and decoder graphs plus configs from a checkpoint.
 
     \b
     Examples:
       phi-onnx export build --checkpoint ./Phi-3.5-vision-instruct --output ./onnx-cpu --precision int4
       phi-onnx export build --checkpoint ./my-finetune --output ./onnx-cuda --precision fp16 --device cuda
+      phi-onnx export build --checkpoint ./ckpt --output ./small --precision int4 --no-int8-prefill   # least memory
     """
     from phi_onnx_export.build import check_plan
 
-    check_plan(checkpoint, output, precision, device, force)  # validate before importing torch-heavy modules
+    check_plan(checkpoint, output, precision, device, force, int8_prefill)  # validate before the heavy imports
     _export_modules("phi-onnx export build")
     from phi_onnx_export.build import build as do_build
 
-    click.echo(str(do_build(checkpoint, output, precision, device, force=force)))
+    click.echo(str(do_build(checkpoint, output, precision, device, force=force, int8_prefill=int8_prefill)))
 
 
 @export.command()

@@ -281,7 +281,9 @@ def test_parity_detects_a_wrong_vision_graph(tmp_path, tiny_model_dir, tiny_chec
 
 def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
     out = build(tiny_checkpoint, tmp_path / "int4", precision="int4", device="cpu", log=lambda m: None)
-    assert b"MatMulNBits" in (out / "phi-3-v-instruct-text.onnx").read_bytes()
+    text = (out / "phi-3-v-instruct-text.onnx").read_bytes()
+    assert b"MatMulNBits" in text
+    assert b"DynamicQuantizeMatMul" in text, "CPU int4 builds get the int8 prompt path by default"
     report = verify(out, tiny_checkpoint, new_tokens=8, cases={"1 image": ((600, 400),)}, count_shapes=((600, 400),))
     assert report.precision == "int4"
     info = [c for c in report.checks if not c.asserted]
@@ -306,3 +308,14 @@ def test_fp16_cuda_build_has_a_consistent_dtype_chain_and_runs(tmp_path, tiny_ch
     assert a.image_tokens == b.image_tokens == 757
     agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
     assert agree >= 6, f"fp16 agrees with fp32 on {agree}/8 greedy tokens"
+
+
+def test_int4_without_int8_prefill_is_the_plain_builder_output(tmp_path, tiny_checkpoint, tiny_model):
+    out = build(tiny_checkpoint, tmp_path / "lean", precision="int4", device="cpu", int8_prefill=False, log=print)
+    assert b"DynamicQuantizeMatMul" not in (out / "phi-3-v-instruct-text.onnx").read_bytes()
+    assert b"DynamicQuantizeMatMul" not in (out / "phi-3-v-instruct-vision.onnx").read_bytes()
+    import phi_onnx
+
+    assert phi_onnx.load(out, device="cpu").generate("Hi", max_new_tokens=3).generated_tokens == 3
+    with pytest.raises(ExportError, match="int8-prefill applies to --precision int4 --device cpu"):
+        check_plan(tiny_checkpoint, tmp_path / "x", "fp32", "cpu", force=False, int8_prefill=True)

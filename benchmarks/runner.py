@@ -1,0 +1,224 @@
+"""Run each path in its own process, one after the other, and put the figures, ratios and targets together."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from phi_onnx.errors import PhiOnnxError
+from phi_onnx.info import versions
+from phi_onnx_bench.spec import FIGURES, PathSpec, Workload, summarize
+
+# Issue 5's targets, checked in every report.
+TTFT_RATIO_MAX = 0.7  # time to first token, onnxruntime-genai / PyTorch fp32
+DECODE_RATIO_MIN = {"int4": 3.0, "fp32": 1.2}  # decode tokens/s, onnxruntime-genai / PyTorch fp32, by ORT precision
+CROPS_TTFT_RATIO_MAX = 0.45  # time to first token at num_crops 4 / num_crops 16
+
+
+class BenchError(PhiOnnxError, RuntimeError):
+    """A benchmark path failed to run."""
+
+
+def run_benchmark(
+    paths: Sequence[PathSpec],
+    work: Workload,
+    *,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every path in its own worker process, one after the other, and gather the report.
+
+    Args:
+        paths: What to run (onnxruntime-genai folders and/or the PyTorch checkpoint).
+        work: The workload every path gets: images, prompt, new tokens, warm-ups, repetitions, num_crops, threads.
+        command: The command line as typed, recorded in the report.
+        log: Progress callback (default: lines on stderr).
+
+    Returns:
+        The JSON-able report: machine, package versions, workload, per-path figures, ratios, agreement, targets.
+    """
+    log = log or _stderr
+    results = []
+    with tempfile.TemporaryDirectory(prefix="phi-onnx-bench-") as tmp:
+        for i, spec in enumerate(paths):
+            log(f"{spec.label}: {spec.kind} on {spec.source} ({i + 1}/{len(paths)})")
+            results.append(_run_worker(spec, work, Path(tmp) / f"{i}", log))
+    return {
+        "schema": 1,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine_info(),
+        "packages": versions(),
+        "workload": work.to_dict(),
+        "paths": results,
+        "ratios": ratios(results),
+        "num_crops_ratios": crops_ratios(results),
+        "token_agreement": token_agreement(results),
+        "targets": targets(results),
+    }
+
+
+def _stderr(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _run_worker(spec: PathSpec, work: Workload, base: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    spec_file, out_file = base.with_suffix(".spec.json"), base.with_suffix(".out.json")
+    spec_file.write_text(json.dumps({"path": spec.to_dict(), "workload": work.to_dict()}))
+    before, t0 = _cpu_snapshot(), time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "phi_onnx_bench.worker", str(spec_file), str(out_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not out_file.is_file():
+        tail = "; ".join(line for line in proc.stdout.strip().splitlines()[-3:])
+        raise BenchError(f"the {spec.label} worker failed (exit {proc.returncode}): {tail}")
+    raw = json.loads(out_file.read_text())
+    result = {**spec.to_dict(), **{k: v for k, v in raw.items() if k not in ("path", "runs")}}
+    result["background_cpu"] = _background_share(before, _cpu_snapshot(), wall)
+    result["runs"] = {}
+    for crops, run in raw["runs"].items():
+        figures = {name: summarize(run["samples"][name]) for name in FIGURES}
+        result["runs"][crops] = {**{k: v for k, v in run.items() if k != "samples"}, "figures": figures,
+                                 "samples": run["samples"]}  # fmt: skip
+        log(f"  num_crops {crops}: first token {figures['time_to_first_token_ms']['median']:.0f} ms, "
+            f"decode {figures['decode_tokens_per_s']['median']:.1f} tokens/s")  # fmt: skip
+    return result
+
+
+def _cpu_snapshot() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of our finished children), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    values = [int(v) for v in fields]
+    busy = (sum(values[:8]) - values[3] - values[4]) / ticks  # all but idle and iowait
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, kids.ru_utime + kids.ru_stime
+
+
+def _background_share(before, after, wall: float) -> float | None:
+    """Share of the machine's CPU that other processes used while a worker ran (0 = a quiet machine)."""
+    if before is None or after is None or wall <= 0:
+        return None
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, OS, Python and GPUs of this machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    from phi_onnx import _og
+
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "cores_available": _og.default_threads(),
+        "memory_gib": round(memory, 1) if memory else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cuda_devices": _og.cuda_device_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _median(path: dict[str, Any], crops: str, figure: str) -> float | None:
+    run = path["runs"].get(crops)
+    return run["figures"][figure]["median"] if run else None
+
+
+def _pairs(results: list[dict[str, Any]]):
+    for ort in (r for r in results if r["kind"] == "onnxruntime-genai"):
+        for ref in (r for r in results if r["kind"] == "pytorch"):
+            for crops in ort["runs"]:
+                if crops in ref["runs"]:
+                    yield ort, ref, crops
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """onnxruntime-genai / PyTorch medians per num_crops: time to first token (lower is better for ORT) and decode
+    tokens/s (higher is better), plus end-to-end time."""
+    out = []
+    for ort, ref, crops in _pairs(results):
+        row: dict[str, Any] = {"onnxruntime_genai": ort["label"], "pytorch": ref["label"], "num_crops": int(crops)}
+        for figure in ("time_to_first_token_ms", "decode_tokens_per_s", "end_to_end_ms", "vision_ms"):
+            a, b = _median(ort, crops, figure), _median(ref, crops, figure)
+            row[figure.removesuffix("_ms")] = round(a / b, 3) if a and b else None
+        out.append(row)
+    return out
+
+
+def crops_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per path: time to first token at the fewest crops over that at the most crops."""
+    out = []
+    for r in results:
+        crops = sorted(int(c) for c in r["runs"])
+        if len(crops) < 2:
+            continue
+        few = _median(r, str(crops[0]), "time_to_first_token_ms")
+        many = _median(r, str(crops[-1]), "time_to_first_token_ms")
+        out.append({"path": r["label"], "few": crops[0], "many": crops[-1],
+                    "time_to_first_token": round(few / many, 3) if few and many else None})  # fmt: skip
+    return out
+
+
+def token_agreement(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Greedy tokens of the last repetition, onnxruntime-genai against PyTorch: same prompt length, share of equal
+    positions (fp32 should agree fully; int4 approximates)."""
+    out = []
+    for ort, ref, crops in _pairs(results):
+        a, b = ort["runs"][crops], ref["runs"][crops]
+        same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
+        out.append({"onnxruntime_genai": ort["label"], "pytorch": ref["label"], "num_crops": int(crops),
+                    "prompt_tokens_equal": a["prompt_tokens"] == b["prompt_tokens"],
+                    "agreement": round(same / max(len(b["tokens"]), 1), 3)})  # fmt: skip
+    return out
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    out = []
+    reference = next((r for r in results if r["kind"] == "pytorch" and not r.get("compile")), None)
+    ort_paths = [r for r in results if r["kind"] == "onnxruntime-genai"]
+    for row in ratios([*ort_paths, reference] if reference else []):
+        ort = next(r for r in results if r["label"] == row["onnxruntime_genai"])
+        name = f"{row['onnxruntime_genai']} / {row['pytorch']}, num_crops {row['num_crops']}"
+        value = row["time_to_first_token"]
+        out.append({"target": f"time to first token {name} <= {TTFT_RATIO_MAX}", "value": value,
+                    "met": value is not None and value <= TTFT_RATIO_MAX})  # fmt: skip
+        floor = DECODE_RATIO_MIN.get(ort.get("precision", ""))
+        if floor is not None:
+            value = row["decode_tokens_per_s"]
+            out.append({"target": f"decode tokens/s {name} >= {floor}", "value": value,
+                        "met": value is not None and value >= floor})  # fmt: skip
+    for row in crops_ratios(ort_paths):
+        if (row["few"], row["many"]) == (4, 16):
+            value = row["time_to_first_token"]
+            out.append({"target": f"time to first token {row['path']}, num_crops 4 / 16 <= {CROPS_TTFT_RATIO_MAX}",
+                        "value": value, "met": value is not None and value <= CROPS_TTFT_RATIO_MAX})  # fmt: skip
+    return out

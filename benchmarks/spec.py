@@ -1,0 +1,102 @@
+"""What one benchmark run measures: the workload every path gets, and the paths themselves."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PATH_KINDS = ("onnxruntime-genai", "pytorch")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The same inputs for every path: images, prompt, greedy decoding of a fixed number of new tokens.
+
+    Attributes:
+        images: Image files; each repetition reads them as bytes before the clock starts.
+        prompt: The user's text (the images go before it, as ``phi-onnx run`` does).
+        new_tokens: Tokens generated per repetition (min = max, end-of-turn suppressed until then).
+        warmup: Untimed generations per num_crops setting, before the timed ones.
+        repeat: Timed generations per num_crops setting.
+        num_crops: HD crop settings to measure, in order.
+        threads: CPU threads for each path (None: all cores available to the process).
+    """
+
+    images: tuple[str, ...]
+    prompt: str
+    new_tokens: int
+    warmup: int
+    repeat: int
+    num_crops: tuple[int, ...]
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Workload:
+        return cls(**{**data, "images": tuple(data["images"]), "num_crops": tuple(data["num_crops"])})
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One way of running the model, measured in its own process.
+
+    Attributes:
+        label: Short name in tables and ratios ("ort-int4", "pytorch").
+        kind: "onnxruntime-genai" (a model folder through phi_onnx) or "pytorch" (a checkpoint through our
+            PyTorch Phi-3-V, SDPA attention).
+        source: The model folder or the checkpoint folder.
+        compile: PyTorch only: wrap the vision tower and the decoder in torch.compile.
+        precision: What the weights are in ("fp32", "int4", ...), for the tables.
+    """
+
+    label: str
+    kind: str
+    source: str
+    compile: bool = False
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Samples:
+    """Per-repetition figures of one path at one num_crops setting."""
+
+    preprocess_ms: list[float] = field(default_factory=list)
+    vision_ms: list[float] = field(default_factory=list)
+    time_to_first_token_ms: list[float] = field(default_factory=list)
+    prefill_tokens_per_s: list[float] = field(default_factory=list)
+    decode_tokens_per_s: list[float] = field(default_factory=list)
+    end_to_end_ms: list[float] = field(default_factory=list)
+
+
+FIGURES = tuple(Samples.__dataclass_fields__)
+
+
+def summarize(values: list[float]) -> dict[str, float | int | None]:
+    """Median, 10th and 90th percentiles (nearest rank), min, max and count of a list of samples.
+
+    For times the slow tail is p90; for rates (tokens/s) it is p10.
+    """
+    if not values:
+        return {"median": None, "p10": None, "p90": None, "min": None, "max": None, "n": 0}
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = n // 2
+    median = ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def rank(q: float) -> float:
+        return ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]
+
+    return {"median": round(median, 3), "p10": round(rank(0.1), 3), "p90": round(rank(0.9), 3),
+            "min": round(ordered[0], 3), "max": round(ordered[-1], 3), "n": n}  # fmt: skip
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

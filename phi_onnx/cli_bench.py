@@ -1,0 +1,222 @@
+"""`phi-onnx bench`: onnxruntime-genai against the PyTorch reference on the same weights and inputs."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from phi_onnx.errors import OptionsError, PhiOnnxError, require
+
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.jpg"
+SIZES = ("tiny", "bench", "full")
+PRECISIONS = ("fp32", "int4")
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+class _OneLineErrors(click.Command):
+    """Bad arguments and phi-onnx errors as one line on stderr with exit code 2 (also when run on its own)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:  # fmt: skip
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            raise _Fail(err.format_message()) from err
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PhiOnnxError as err:
+            raise _Fail(str(err)) from err
+
+
+class _Fail(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # always stderr, whatever click passes
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _check(value: int | None, name: str, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise OptionsError(f"{name} is {value}, outside {low}..{high}")
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A model folder to run through onnxruntime-genai (repeatable).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The PyTorch checkpoint the --model folders were built from (the PyTorch path).",
+)
+@click.option(
+    "--size",
+    type=click.Choice(SIZES),
+    default=None,
+    help="Build (once, cached) a random checkpoint of this size and its folders, and compare them. "
+    "Default when neither --model nor --checkpoint is given: bench.",
+)
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(PRECISIONS),
+    help="Folders to build with --size (repeatable; default fp32 and int4).",
+)
+@click.option(
+    "--against",
+    type=click.Choice(["pytorch", "none"]),
+    default=None,
+    help="Compare with the PyTorch reference (default when a checkpoint is known) or not.",
+)
+@click.option("--compile", "compile_", is_flag=True, help="Also run the PyTorch path under torch.compile.")
+@click.option(
+    "-i",
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Image for every run (repeatable; default: the bundled 600x400 example.jpg).",
+)
+@click.option("-p", "--prompt", default=DEFAULT_PROMPT, show_default=True, help="The question.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens generated per run (fixed).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per num_crops and path.")
+@click.option("--repeat", type=int, default=5, show_default=True, help="Timed runs per num_crops and path.")
+@click.option(
+    "--num-crops", "num_crops", multiple=True, type=int, help="HD crops per image (repeatable; default 16 and 4)."
+)
+@click.option("--threads", type=int, default=None, help="CPU threads for every path (default: all cores).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write every figure here.")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG chart here (needs matplotlib: pip install 'phi-onnx[bench]').")  # fmt: skip
+def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
+          against: str | None, compile_: bool, images: tuple[Path, ...], prompt: str, new_tokens: int, warmup: int,
+          repeat: int, num_crops: tuple[int, ...], threads: int | None, json_file: Path | None,
+          plot_file: Path | None) -> None:  # fmt: skip
+    """Time onnxruntime-genai against the PyTorch reference: same weights, images, prompt, greedy decoding and number
+    of new tokens; each path in its own process, warm-ups, repetitions, medians and ratios.
+
+    Prints a markdown table on stdout (progress on stderr); --json keeps every figure, --plot draws a chart.
+
+    \b
+    Examples:
+      phi-onnx bench                                    # random `bench` model: fp32 + int4 folders vs PyTorch
+      phi-onnx bench --size tiny --new-tokens 4 --repeat 1
+      phi-onnx bench --model ./phi-3.5-v-cpu-int4 --num-crops 4      # any folder, onnxruntime-genai only
+      phi-onnx bench --checkpoint ./my-finetune --model ./onnx-fp32 --model ./onnx-int4 --json out.json --plot out.png
+    """
+    from phi_onnx_bench.spec import Workload
+
+    _check(new_tokens, "--new-tokens", 1, 4096)
+    _check(warmup, "--warmup", 0, 100)
+    _check(repeat, "--repeat", 1, 1000)
+    _check(threads, "--threads", 1, 1024)
+    for c in num_crops:
+        _check(c, "--num-crops", 1, 64)
+    for image in images:
+        if not image.is_file():
+            raise OptionsError(f"image {image} does not exist: pass an image file with --image")
+    if plot_file is not None:
+        require("matplotlib", extra="bench", purpose="--plot")
+    work = Workload(
+        images=tuple(str(i.resolve()) for i in images) or (str(EXAMPLE_IMAGE),), prompt=prompt,
+        new_tokens=new_tokens, warmup=warmup, repeat=repeat, num_crops=tuple(dict.fromkeys(num_crops)) or (16, 4),
+        threads=threads,
+    )  # fmt: skip
+    paths = plan_paths(models, checkpoint, size, precisions, against, compile_)
+    from phi_onnx_bench.report import markdown, plot
+    from phi_onnx_bench.runner import run_benchmark
+
+    result = run_benchmark(paths, work, command=_command_line())
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        click.echo(f"[bench] wrote {json_file}", err=True)
+    if plot_file is not None:
+        click.echo(f"[bench] wrote {plot(result, plot_file)}", err=True)
+    sys.stdout.write(markdown(result))
+
+
+def _command_line() -> str | None:
+    """The command as typed (``phi-onnx bench ...``), for the JSON; None when called from Python."""
+    argv = sys.argv
+    if Path(argv[0]).name == "phi-onnx" and "bench" in argv:
+        args = argv[argv.index("bench") + 1 :]
+    elif Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name in ("benchmarks", "phi_onnx_bench"):
+        args = argv[1:]
+    else:
+        return None
+    return " ".join(["phi-onnx bench", *(shlex.quote(a) for a in args)])
+
+
+def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
+               against: str | None, compile_: bool) -> list:  # fmt: skip
+    """Turn the options into the list of paths to run, validating them before any work."""
+    from phi_onnx.modelinfo import inspect_model
+    from phi_onnx_bench.spec import PathSpec
+
+    if size is not None and (models or checkpoint is not None):
+        raise OptionsError("give either --size or --model/--checkpoint, not both")
+    if precisions and size is None and (models or checkpoint is not None):
+        raise OptionsError("--precision chooses the folders --size builds; with --model, the folders are given")
+    if checkpoint is not None and not models:
+        raise OptionsError("--checkpoint needs the folders built from it: add --model DIR (phi-onnx export build "
+                           "makes one), or use --size for a random model")  # fmt: skip
+    if not models and checkpoint is None:
+        size = size or "bench"
+    if against == "pytorch" and checkpoint is None and size is None:
+        raise OptionsError("--against pytorch needs the checkpoint the folders were built from: add --checkpoint")
+    if compile_ and against == "none":
+        raise OptionsError("--compile is for the PyTorch path, which --against none leaves out")
+    with_pytorch = against != "none" and (checkpoint is not None or size is not None)
+    if with_pytorch or size is not None:
+        for module in ("torch", "transformers"):
+            require(module, extra="export", purpose="phi-onnx bench with a PyTorch checkpoint or --size")
+    for folder in models:
+        inspect_model(folder)  # ModelError with the reason when it is not a phi3v folder
+    if checkpoint is not None:
+        from phi_onnx_export.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(checkpoint)
+    folders: dict[str, Path] = {}
+    if size is not None:
+        from phi_onnx_bench.models import bench_models
+
+        checkpoint, built = bench_models(size, precisions or PRECISIONS)
+        folders = {f"ort-{p}": folder for p, folder in built.items()}
+    else:
+        for folder in models:
+            label = f"ort-{folder_precision(folder)}"
+            folders[label if label not in folders else f"{label}:{folder.name}"] = folder
+    paths = [PathSpec(label, "onnxruntime-genai", str(f), precision=label.split("-", 1)[1].split(":")[0])
+             for label, f in folders.items()]  # fmt: skip
+    if with_pytorch:
+        paths.append(PathSpec("pytorch", "pytorch", str(checkpoint)))
+        if compile_:
+            paths.append(PathSpec("pytorch-compile", "pytorch", str(checkpoint), compile=True))
+    return paths
+
+
+def folder_precision(folder: Path) -> str:
+    """ "int4" when the decoder holds MatMulNBits, else the dtype of its inputs_embeds ("fp16" or "fp32")."""
+    from phi_onnx.modelinfo import inspect_model
+
+    info = inspect_model(folder)
+    with open(info.decoder.path, "rb") as f:
+        head = f.read(64 * 2**20)  # nodes come before the initializers in the file
+    if b"MatMulNBits" in head:
+        return "int4"
+    embeds = info.decoder.input("inputs_embeds")
+    return "fp16" if embeds is not None and embeds.dtype == "float16" else "fp32"

@@ -1,0 +1,116 @@
+"""`phi-onnx bench` on the tiny model: a smoke test of the harness (both paths, JSON, table, errors), not a timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from phi_onnx.cli_bench import bench
+from phi_onnx_bench.spec import FIGURES, summarize
+
+FAST = ("--new-tokens", "3", "--warmup", "0", "--repeat", "2", "--num-crops", "4")
+
+
+@pytest.fixture(scope="module")
+def both_paths(tmp_path_factory, tiny_checkpoint, tiny_model_dir):
+    """One run of both paths (onnxruntime-genai and PyTorch) with JSON and chart."""
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--checkpoint", str(tiny_checkpoint), "--model", str(tiny_model_dir), *FAST,
+            "--json", str(out / "result.json"), "--plot", str(out / "chart.png")]  # fmt: skip
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return result, json.loads((out / "result.json").read_text()), out
+
+
+def test_both_paths_report_every_figure(both_paths):
+    _, data, _ = both_paths
+    assert {"machine", "packages", "workload", "paths", "ratios", "token_agreement", "targets"} <= data.keys()
+    assert data["machine"]["logical_cores"] >= 1 and data["machine"]["cpu"]
+    assert {"onnxruntime-genai", "onnxruntime", "torch"} <= data["packages"].keys()
+    assert data["workload"]["new_tokens"] == 3 and data["workload"]["num_crops"] == [4]
+    kinds = {p["kind"]: p for p in data["paths"]}
+    assert set(kinds) == {"onnxruntime-genai", "pytorch"}
+    for path in data["paths"]:
+        assert path["load_ms"] > 0 and path["peak_rss_mb"] > 0
+        assert "peak_gpu_mb" in path and path["vision_method"]
+        run = path["runs"]["4"]
+        assert run["prompt_tokens"] > run["image_tokens"] == 757  # 600x400 at 4 crops
+        assert run["generated_tokens"] == 3 and len(run["tokens"]) == 3
+        assert set(run["figures"]) == set(FIGURES)
+        for name in ("preprocess_ms", "vision_ms", "time_to_first_token_ms", "decode_tokens_per_s", "end_to_end_ms"):
+            fig = run["figures"][name]
+            assert fig["n"] == 2 and fig["median"] > 0 and fig["p90"] >= fig["median"] >= fig["p10"], (name, fig)
+        f = run["figures"]
+        assert f["time_to_first_token_ms"]["median"] >= f["preprocess_ms"]["median"]
+        assert f["end_to_end_ms"]["median"] >= f["time_to_first_token_ms"]["median"]
+
+
+def test_ratios_and_greedy_agreement(both_paths):
+    _, data, _ = both_paths
+    (ratio,) = data["ratios"]
+    assert ratio["onnxruntime_genai"] == "ort-fp32" and ratio["pytorch"] == "pytorch" and ratio["num_crops"] == 4
+    ort, ref = (next(p for p in data["paths"] if p["kind"] == k) for k in ("onnxruntime-genai", "pytorch"))
+    want = ort["runs"]["4"]["figures"]["time_to_first_token_ms"]["median"] / ref["runs"]["4"]["figures"][
+        "time_to_first_token_ms"]["median"]  # fmt: skip
+    assert ratio["time_to_first_token"] == pytest.approx(want, rel=1e-2)
+    assert ratio["decode_tokens_per_s"] > 0
+    # The fp32 folder and the checkpoint hold the same weights: same prompt, same greedy tokens.
+    (agree,) = data["token_agreement"]
+    assert agree["prompt_tokens_equal"] and agree["agreement"] == 1.0
+    assert any(t["target"].startswith("time to first token ort-fp32 / pytorch") for t in data["targets"])
+
+
+def test_markdown_table_and_chart(both_paths):
+    result, _, out = both_paths
+    table = result.stdout
+    assert "| path | precision | num_crops |" in table
+    assert "| ort-fp32 | fp32 | 4 |" in table and "| pytorch | fp32 | 4 |" in table
+    assert "| ort-fp32 / pytorch | 4 |" in table
+    assert "[bench]" not in table  # progress goes to stderr
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnxruntime_genai_only_mode(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(bench, ["--model", str(tiny_model_dir), *FAST, "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [p["label"] for p in data["paths"]] == ["ort-fp32"]
+    assert data["ratios"] == [] and data["token_agreement"] == []
+    assert "| ort-fp32 | fp32 | 4 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--new-tokens", "0"], "--new-tokens is 0, outside 1..4096"),
+        (["--repeat", "abc"], "'abc' is not a valid integer"),
+        (["--model", "/no/such/folder"], "/no/such/folder"),
+        (["--checkpoint", "{ckpt}"], "--checkpoint needs the folders built from it"),
+        (["--size", "tiny", "--model", "{model}"], "give either --size or --model/--checkpoint"),
+        (["--model", "{model}", "--against", "pytorch"], "--against pytorch needs the checkpoint"),
+        (["--model", "{model}", "--image", "/no/such.png"], "image /no/such.png does not exist"),
+        (["--size", "huge"], "'huge' is not one of"),
+    ],
+)
+def test_bad_arguments_give_one_line(args, message, tiny_checkpoint, tiny_model_dir):
+    args = [a.format(ckpt=tiny_checkpoint, model=tiny_model_dir) for a in args]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_help_ends_with_examples():
+    result = CliRunner().invoke(bench, ["--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and "phi-onnx bench --model" in result.output
+
+
+def test_summarize_median_and_tails():
+    assert summarize([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median": 3.0, "p10": 1.0, "p90": 5.0, "min": 1.0, "max": 5.0,
+                                                    "n": 5}  # fmt: skip
+    assert summarize([2.0, 4.0])["median"] == 3.0
+    assert summarize([])["median"] is None
