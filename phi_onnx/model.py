@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 import weakref
@@ -25,7 +26,7 @@ from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
 DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
-_CACHE_SIZE = 32  # preprocessed images kept per model (chat history re-sends the same images every turn)
+_CACHE_SIZE = 32  # conversation images whose HD transform is kept (a chat re-sends its images every turn)
 
 
 @dataclass(frozen=True)
@@ -238,10 +239,14 @@ class PhiVision:
         return prompt_from_text(prompt, len(frames)), frames
 
     def _preprocess(self, frames: list, num_crops: int) -> Preprocessed:
-        """The HD transform per image, reusing results for image objects seen before (same object, same crops)."""
+        """The HD transform per image. Conversation images (marked DECODED by Chat) keep their result while they live,
+        so each chat turn does not transform the whole history again; other images are not retained."""
         slots = self.info.crop_slots
         parts = []
         for frame in frames:
+            if not frame.info.get(DECODED):
+                parts.append(preprocess_images([frame], num_crops, crop_slots=slots))
+                continue
             key = (id(frame), num_crops, slots)
             hit = self._pre_cache.get(key)
             if hit is not None and hit[0]() is frame:
@@ -249,7 +254,8 @@ class PhiVision:
                 parts.append(hit[1])
                 continue
             done = preprocess_images([frame], num_crops, crop_slots=slots)
-            self._pre_cache[key] = (weakref.ref(frame), done)
+            drop = functools.partial(_forget, self._pre_cache, key)  # binds the dict, not self: no cycle
+            self._pre_cache[key] = (weakref.ref(frame, drop), done)
             if len(self._pre_cache) > _CACHE_SIZE:
                 self._pre_cache.popitem(last=False)
             parts.append(done)
@@ -292,6 +298,10 @@ class PhiVision:
     def _options(self, options, values: Mapping[str, Any]) -> GenerationOptions:
         base = self.options if options is None else _as_options(options)
         return base.updated(values) if values else base
+
+
+def _forget(cache: OrderedDict, key: tuple, _ref: weakref.ref) -> None:
+    cache.pop(key, None)
 
 
 def _as_options(options: GenerationOptions | Mapping[str, Any]) -> GenerationOptions:

@@ -337,3 +337,15 @@ def test_generate_reports_num_crops_for_messages(tiny_model, example_image):
     messages[0]["content"][1] = {"type": "text", "text": "Describe."}
     assert tiny_model.generate(messages=messages, max_new_tokens=2).num_crops == 16
     assert tiny_model.generate("Hi", max_new_tokens=2).num_crops is None
+
+
+def test_plain_calls_retain_no_preprocessed_images(tiny_model, example_image):
+    tiny_model._pre_cache.clear()
+    tiny_model.generate("What is it?", images=[example_image], max_new_tokens=1)
+    assert len(tiny_model._pre_cache) == 0
+    chat = tiny_model.chat(max_new_tokens=1)
+    chat.send("What is it?", images=[make_image(300, 200, 9)])
+    assert len(tiny_model._pre_cache) == 1
+    chat.reset()
+    gc.collect()
+    assert len(tiny_model._pre_cache) == 0, "an entry goes when its conversation image does"
