@@ -4,7 +4,8 @@ Both sides get the same pixel_values, image_sizes and input_ids (from onnxruntim
 we draw here). Checks, every one collected before the verdict:
 
 - image-token counts equal (h*w+1)*144 + 1 + (h+1)*12 for shapes from 10:1 to 1:10;
-- prompt logits agree (max |delta| <= 1e-4 for fp32 builds);
+- prompt logits agree (max |delta| <= 1e-4 for fp32 builds; the last position when the decoder prunes its head);
+- the logits of every decode step agree (same tolerance);
 - greedy continuations agree token for token (fp32: asserted; int4: reported as an agreement rate).
 """
 
@@ -150,7 +151,8 @@ def _precision(model_dir: Path) -> str:
     return "fp16" if dtype == "float16" else "fp32"
 
 
-def _og_run(og_model, og, inputs: dict[str, np.ndarray], new_tokens: int) -> tuple[np.ndarray, list[int]]:
+def _og_run(og_model, og, inputs: dict[str, np.ndarray], new_tokens: int):
+    """(prompt logits, last-position logits of every decode step, tokens) from onnxruntime-genai."""
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=inputs["input_ids"].shape[1] + new_tokens, do_sample=False)
     gen = og.Generator(og_model, params)
@@ -158,16 +160,20 @@ def _og_run(og_model, og, inputs: dict[str, np.ndarray], new_tokens: int) -> tup
     for key, value in inputs.items():
         named[key] = np.ascontiguousarray(value, dtype=np.dtype(value.dtype.name))
     gen.set_inputs(named)
-    tokens, logits = [], None
+    tokens, logits, steps = [], None, []
     while not gen.is_done():
         gen.generate_next_token()
+        current = np.array(gen.get_output("logits"))
         if logits is None:
-            logits = np.array(gen.get_output("logits"))
+            logits = current
+        else:
+            steps.append(current[0, -1].astype(np.float32))
         tokens.append(int(gen.get_next_tokens()[0]))
-    return logits, tokens
+    return logits, steps, tokens
 
 
-def _torch_run(model, inputs: dict[str, np.ndarray], new_tokens: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
+def _torch_run(model, inputs: dict[str, np.ndarray], new_tokens: int, eos: set[int]):
+    """(prompt logits, last-position logits of every decode step, tokens) from the PyTorch reference."""
     import torch
     from transformers import DynamicCache
 
@@ -180,31 +186,41 @@ def _torch_run(model, inputs: dict[str, np.ndarray], new_tokens: int, eos: set[i
         cache = DynamicCache(config=model.lm.config)
         out = model.lm(inputs_embeds=model.embed(ids, feats), past_key_values=cache, use_cache=True)
         logits = out.logits.float().numpy()
-        tokens = []
+        tokens, steps = [], []
         step = out.logits[0, -1]
-        for _ in range(new_tokens):
+        for i in range(new_tokens):
             tok = int(step.argmax())
             tokens.append(tok)
-            if tok in eos:
+            if tok in eos or i == new_tokens - 1:
                 break
             out = model.lm(inputs_embeds=model.embed(torch.tensor([[tok]])), past_key_values=cache, use_cache=True)
             step = out.logits[0, -1]
-    return logits, tokens
+            steps.append(step.float().numpy())
+    return logits, steps, tokens
 
 
 def _compare(report: Report, name: str, inputs, og_model, og, torch_model, new_tokens: int, eos, precision) -> None:
-    og_logits, og_tokens = _og_run(og_model, og, inputs, new_tokens)
-    ref_logits, ref_tokens = _torch_run(torch_model, inputs, new_tokens, eos)
+    og_logits, og_steps, og_tokens = _og_run(og_model, og, inputs, new_tokens)
+    ref_logits, ref_steps, ref_tokens = _torch_run(torch_model, inputs, new_tokens, eos)
     seq = inputs["input_ids"].shape[1]
-    if og_logits.shape[1] != seq:  # a decoder that returns only the last position
+    positions = f"all {seq} positions"
+    if og_logits.shape[1] != seq:  # a decoder built with prune_lm_head returns the last position only
         ref_logits = ref_logits[:, -og_logits.shape[1] :]
+        positions = f"last of {seq} positions"
     delta = float(np.max(np.abs(og_logits.astype(np.float32) - ref_logits)))
     scale = float(np.max(np.abs(ref_logits)))
     if precision == "fp32":
         report.add(
-            f"{name}: prompt logits ({seq} tokens)",
+            f"{name}: prompt logits ({positions})",
             delta <= LOGITS_TOLERANCE_FP32,
             f"max |delta| {delta:.2e} (tolerance {LOGITS_TOLERANCE_FP32:.0e}, logits up to {scale:.1f})",
+        )
+        shared = min(len(og_steps), len(ref_steps))
+        step_delta = max((float(np.max(np.abs(a - b))) for a, b in zip(og_steps, ref_steps)), default=0.0)
+        report.add(
+            f"{name}: decode-step logits",
+            step_delta <= LOGITS_TOLERANCE_FP32,
+            f"max |delta| {step_delta:.2e} over {shared} steps (tolerance {LOGITS_TOLERANCE_FP32:.0e})",
         )
         same = og_tokens == ref_tokens
         first = next((i for i, (a, b) in enumerate(zip(og_tokens, ref_tokens)) if a != b), None)
