@@ -319,3 +319,12 @@ def test_int4_without_int8_prefill_is_the_plain_builder_output(tmp_path, tiny_ch
     assert phi_onnx.load(out, device="cpu").generate("Hi", max_new_tokens=3).generated_tokens == 3
     with pytest.raises(ExportError, match="int8-prefill applies to --precision int4 --device cpu"):
         check_plan(tiny_checkpoint, tmp_path / "x", "fp32", "cpu", force=False, int8_prefill=True)
+
+
+def test_same_checkpoint_builds_to_the_same_bytes(tmp_path, tiny_checkpoint):
+    a = build(tiny_checkpoint, tmp_path / "a", log=lambda m: None)
+    b = build(tiny_checkpoint, tmp_path / "b", log=lambda m: None)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    differ = [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()]
+    assert differ == [], f"non-deterministic build output: {differ}"
