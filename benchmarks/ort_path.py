@@ -10,14 +10,13 @@ preprocessing minus that vision time (median).
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from phi_onnx_bench.spec import PathSpec, Samples, Workload
+from phi_onnx_bench.spec import PathSpec, Samples, Workload, peak_rss_mb
 
 
 def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
@@ -57,7 +56,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
             "tokens": tokens,
             "samples": samples,
         }
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the extra vision session
+    peak_rss = peak_rss_mb()  # before the extra vision session
     session = _vision_session(model.folder, model.threads)
     for crops in work.num_crops:
         samples = runs[str(crops)]["samples"]
@@ -70,7 +69,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "load_ms": load_ms,
         "threads": model.threads,
         "runs": runs,
-        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_mb": peak_rss,
         "peak_gpu_mb": None,
         "session_options": _genai_session_options(model.folder),
         "vision_method": "onnxruntime InferenceSession on the vision graph, same session options and inputs",

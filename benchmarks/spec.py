@@ -100,3 +100,23 @@ def summarize(values: list[float]) -> dict[str, float | int | None]:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    On Linux this is ``VmHWM`` of the current address space: ``ru_maxrss`` survives fork and exec, so a worker started
+    by a large parent would report at least the parent's size at the fork.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -10,12 +10,11 @@ onnxruntime-genai's min_length does). Prefill computes logits for the last posit
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-from phi_onnx_bench.spec import PathSpec, Samples, Workload
+from phi_onnx_bench.spec import PathSpec, Samples, Workload, peak_rss_mb
 
 DEFAULT_EOS = (32000, 32007)
 
@@ -71,7 +70,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "load_ms": load_ms,
         "threads": torch.get_num_threads(),
         "runs": runs,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": None,
         "attention": "sdpa",
         "compiled": spec.compile,
