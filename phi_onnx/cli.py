@@ -203,7 +203,7 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
     Inside the chat:
       /image PATH   attach an image (or GIF, or folder of frames) to your next message
       /reset        start over
-      /exit         leave (or Ctrl-D)
+      /exit         leave (or Ctrl-D); Ctrl-C stops the answer being written
     \b
     Examples:
       phi-onnx chat
@@ -223,6 +223,8 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
                 else sys.stdin.readline()
             )
         except (EOFError, click.Abort):
+            if interactive:
+                click.echo(err=True)  # leave the shell prompt on a fresh line
             break
         if not interactive and line == "":
             break
@@ -255,12 +257,15 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
         if line.startswith("/"):
             click.echo(f"unknown command {line.split()[0]}; {CHAT_HELP}", err=True)
             continue
-        try:
-            from phi_onnx.generation import collect
+        from phi_onnx.generation import collect
 
+        try:
             result = collect(_echo(conversation.stream(line)))
         except PhiOnnxError as err:
             click.echo(f"\nerror: {err}", err=True)
+            continue
+        except KeyboardInterrupt:  # stops this answer; the turn is not kept, the chat goes on
+            click.echo("\n(stopped; this turn is not kept)", err=True)
             continue
         click.echo()
         click.echo(_stats(result), err=True)

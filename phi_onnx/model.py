@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import warnings
 import weakref
@@ -114,6 +115,8 @@ class PhiVision:
         self._tokenizer = _og.Tokenizer(self._model)
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
         self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
+        self._pre_lock = threading.Lock()  # the cache may be shared by threads serving several requests
+        self._pre_dead: list[tuple[int, int, int | None]] = []  # keys whose image died (appended by weakref callbacks)
 
     def __repr__(self) -> str:
         return f"PhiVision({str(self.folder)!r}, device={self.device!r})"
@@ -242,22 +245,26 @@ class PhiVision:
         """The HD transform per image. Conversation images (marked DECODED by Chat) keep their result while they live,
         so each chat turn does not transform the whole history again; other images are not retained."""
         slots = self.info.crop_slots
+        with self._pre_lock:
+            self._purge_dead()
         parts = []
         for frame in frames:
             if not frame.info.get(DECODED):
                 parts.append(preprocess_images([frame], num_crops, crop_slots=slots))
                 continue
             key = (id(frame), num_crops, slots)
-            hit = self._pre_cache.get(key)
-            if hit is not None and hit[0]() is frame:
-                self._pre_cache.move_to_end(key)
-                parts.append(hit[1])
-                continue
+            with self._pre_lock:
+                hit = self._pre_cache.get(key)
+                if hit is not None and hit[0]() is frame:
+                    self._pre_cache.move_to_end(key)
+                    parts.append(hit[1])
+                    continue
             done = preprocess_images([frame], num_crops, crop_slots=slots)
-            drop = functools.partial(_forget, self._pre_cache, key)  # binds the dict, not self: no cycle
-            self._pre_cache[key] = (weakref.ref(frame, drop), done)
-            if len(self._pre_cache) > _CACHE_SIZE:
-                self._pre_cache.popitem(last=False)
+            drop = functools.partial(_forget, self._pre_dead, key)  # binds the list, not self: no cycle
+            with self._pre_lock:
+                self._pre_cache[key] = (weakref.ref(frame, drop), done)
+                if len(self._pre_cache) > _CACHE_SIZE:
+                    self._pre_cache.popitem(last=False)
             parts.append(done)
         if len(parts) == 1:
             return parts[0]
@@ -270,6 +277,14 @@ class PhiVision:
             image_sizes=np.concatenate([p.image_sizes for p in parts]),
             num_image_tokens=np.concatenate([p.num_image_tokens for p in parts]),
         )
+
+    def _purge_dead(self) -> None:
+        """Drop cache entries whose image died (call with the lock held)."""
+        while self._pre_dead:
+            key = self._pre_dead.pop()
+            entry = self._pre_cache.get(key)
+            if entry is not None and entry[0]() is None:
+                self._pre_cache.pop(key)
 
     def _use_og_processor(self, num_crops: int) -> bool:
         if self.preprocessor == "onnxruntime-genai":
@@ -300,8 +315,9 @@ class PhiVision:
         return base.updated(values) if values else base
 
 
-def _forget(cache: OrderedDict, key: tuple, _ref: weakref.ref) -> None:
-    cache.pop(key, None)
+def _forget(dead: list, key: tuple, _ref: weakref.ref) -> None:
+    # Runs inside garbage collection, possibly while this thread holds the cache lock: only record the key.
+    dead.append(key)
 
 
 def _as_options(options: GenerationOptions | Mapping[str, Any]) -> GenerationOptions:

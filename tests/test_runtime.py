@@ -348,4 +348,5 @@ def test_plain_calls_retain_no_preprocessed_images(tiny_model, example_image):
     assert len(tiny_model._pre_cache) == 1
     chat.reset()
     gc.collect()
+    tiny_model.generate("x", images=[make_image(100, 100, 1)], max_new_tokens=1)  # any later call purges
     assert len(tiny_model._pre_cache) == 0, "an entry goes when its conversation image does"
