@@ -350,3 +350,22 @@ def test_plain_calls_retain_no_preprocessed_images(tiny_model, example_image):
     gc.collect()
     tiny_model.generate("x", images=[make_image(100, 100, 1)], max_new_tokens=1)  # any later call purges
     assert len(tiny_model._pre_cache) == 0, "an entry goes when its conversation image does"
+
+
+def test_threads_can_share_one_model(tiny_model, example_image):
+    """Concurrent requests on one loaded model (as a server makes them) give the answers sequential calls give."""
+    import threading
+
+    prompts = [f"Question {i}: what is shown?" for i in range(4)]
+    want = [tiny_model.generate(p, images=[example_image], num_crops=1, max_new_tokens=6).text for p in prompts]
+    got: list[str | None] = [None] * len(prompts)
+
+    def work(i: int) -> None:
+        got[i] = tiny_model.generate(prompts[i], images=[example_image], num_crops=1, max_new_tokens=6).text
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
