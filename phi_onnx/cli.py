@@ -169,7 +169,6 @@ def run(
         result = collect(chunks)
         data = result.to_dict()
         data.pop("token_ids")
-        data["num_crops"] = opts.get("num_crops") or (lm.options.crops_for(len(images)) if images else None)
         data["model"] = str(lm.folder)
         data["device"] = lm.device
         click.echo(json.dumps(data, ensure_ascii=False))

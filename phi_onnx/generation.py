@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -27,6 +27,7 @@ class Chunk:
         decode_tokens_per_s: Tokens per second after the first token (0 until there are two).
         elapsed_ms: From the call to this chunk.
         finish_reason: None until the last chunk; then "stop" (end of turn or a stop string) or "length".
+        num_crops: HD crops per image used for this prompt (None without images).
     """
 
     text: str
@@ -39,6 +40,7 @@ class Chunk:
     decode_tokens_per_s: float
     elapsed_ms: float
     finish_reason: str | None = None
+    num_crops: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class Generation:
         return data
 
 
-def collect(chunks: Iterable[Chunk], num_crops: int | None = None) -> Generation:
-    """Drain a stream into a Generation."""
+def collect(chunks: Iterable[Chunk]) -> Generation:
+    """Drain a stream into a Generation (the text, and the numbers the last chunk carried)."""
     parts: list[str] = []
     ids: list[int] = []
     last: Chunk | None = None
@@ -75,19 +77,11 @@ def collect(chunks: Iterable[Chunk], num_crops: int | None = None) -> Generation
         last = chunk
     if last is None:  # a stream always ends with a chunk carrying finish_reason
         raise RuntimeError("the generation stream ended without a final chunk")
-    return Generation(
-        text="".join(parts),
-        finish_reason=last.finish_reason or "stop",
-        prompt_tokens=last.prompt_tokens,
-        image_tokens=last.image_tokens,
-        generated_tokens=last.generated_tokens,
-        time_to_first_token_ms=last.time_to_first_token_ms,
-        preprocess_ms=last.preprocess_ms,
-        decode_tokens_per_s=last.decode_tokens_per_s,
-        elapsed_ms=last.elapsed_ms,
-        num_crops=num_crops,
-        token_ids=tuple(ids),
-    )
+    numbers = {name: getattr(last, name) for name in _CARRIED}
+    return Generation(text="".join(parts), finish_reason=last.finish_reason or "stop", token_ids=tuple(ids), **numbers)
+
+
+_CARRIED = tuple(f.name for f in fields(Chunk) if f.name not in ("text", "token_id", "finish_reason"))
 
 
 class StopMatcher:
@@ -135,6 +129,7 @@ def token_chunks(
     max_new_tokens: int,
     eos_ids: frozenset[int],
     stops: tuple[str, ...] = (),
+    num_crops: int | None = None,
 ) -> Iterator[Chunk]:
     """Turn generated token ids into chunks with running numbers.
 
@@ -149,7 +144,7 @@ def token_chunks(
     ttft = 0.0
     reason = "length"
 
-    def numbers(now: float) -> dict[str, float]:
+    def numbers(now: float) -> dict[str, float | int | None]:
         rate = (count - 1) / (now - first_at) if count > 1 and now > first_at else 0.0
         return {
             "prompt_tokens": prompt_tokens,
@@ -159,6 +154,7 @@ def token_chunks(
             "preprocess_ms": preprocess_ms,
             "decode_tokens_per_s": rate,
             "elapsed_ms": (now - start) * 1e3,
+            "num_crops": num_crops,
         }
 
     try:

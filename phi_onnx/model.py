@@ -168,6 +168,7 @@ class PhiVision:
             max_new_tokens=opts.max_new_tokens,
             eos_ids=self._eos,
             stops=opts.stop,
+            num_crops=prepared.num_crops,
         )
 
     def generate(
@@ -183,7 +184,7 @@ class PhiVision:
         start = time.perf_counter()
         opts = self._options(options, option_values)
         prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
-        return collect(self._generate_stream(prepared, opts, start), num_crops=prepared.num_crops)
+        return collect(self._generate_stream(prepared, opts, start))
 
     def chat(self, system: str | None = None, **option_values: Any):
         """Start a multi-turn conversation (see :class:`phi_onnx.chat.Chat`)."""

@@ -179,3 +179,17 @@ def test_run_reads_the_prompt_from_stdin(tiny_model_dir):
     assert "2 generated" in done.stderr
     empty = run_cli("run", str(tiny_model_dir), "-", input="\n")
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+def test_run_json_reports_the_crops_actually_used_for_frames(tiny_model_dir, tmp_path):
+    """An animated GIF becomes several frames, so 4 crops apply even though one -i was given."""
+    from phi_onnx_export.verify import test_image
+
+    frames = [test_image(320, 240, i) for i in range(3)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    done = run_cli("run", str(tiny_model_dir), "--json", "-i", str(gif), "What happens?", "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["image_tokens"] == 3 * 757
+    assert data["num_crops"] == 4
