@@ -14,7 +14,6 @@ from phi_onnx_export.modeling import Phi3VModel
 VISION_PREFIX = "model.vision_embed_tokens."
 CLIP_PREFIX = VISION_PREFIX + "img_processor."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja")
 SHARD_LIMIT = 2 * 1024**3
 
 

@@ -8,7 +8,6 @@ Checkpoints written by phi-onnx (random-weight test models) record them explicit
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,9 +225,3 @@ def _text_config(raw: dict[str, Any]) -> TextConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         bos_token_id=int(raw.get("bos_token_id", 1)),
     )
-
-
-def longrope_mscale(max_pos: int, original_max_pos: int) -> float:
-    """The cos/sin scale LongRoPE applies (1.19024 for 131072/4096)."""
-    scale = max_pos / original_max_pos
-    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original_max_pos))

@@ -21,7 +21,6 @@ from phi_onnx.hubverify import MARKER, RemoteFile, load_marker, verify_folder
 from phi_onnx.modelinfo import OFFICIAL_REPOS, check_genai_config, inspect_model
 
 DEFAULT_REPO = OFFICIAL_REPOS[0]
-KNOWN_REPOS = OFFICIAL_REPOS
 VARIANTS = {
     "cpu-int4": "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
     "gpu-int4": "gpu/gpu-int4-rtn-block-32",
