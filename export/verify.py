@@ -12,7 +12,6 @@ we draw here). Checks, every one collected before the verdict:
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,9 +87,9 @@ def verify(
     """Run every parity check and return the report (never raises on a mismatch; see ``Report.passed``)."""
     import json
 
-    import onnxruntime_genai as og
     import torch
 
+    from phi_onnx import _og
     from phi_onnx_export.checkpoint import load_checkpoint
 
     model_dir = Path(model_dir)
@@ -98,43 +97,34 @@ def verify(
         raise ExportError(f"{model_dir} has no genai_config.json: pass a folder built by `phi-onnx export build`")
     precision = _precision(model_dir)
     report = Report(model_dir, precision)
-    og_model = og.Model(str(model_dir))
-    processor = og_model.create_multimodal_processor()
+    og_model = _og.open_model(model_dir, "cpu", None)
     torch_model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
     eos = set(json.loads((model_dir / "genai_config.json").read_text())["model"]["eos_token_id"])
 
-    with tempfile.TemporaryDirectory() as tmp:
+    def process(prompt: str, sizes: tuple) -> dict[str, np.ndarray]:
+        images = [_og.png_bytes(test_image(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
+        return _og.processor_inputs(og_model, prompt, images)
 
-        def process(prompt: str, sizes: tuple) -> dict[str, np.ndarray]:
-            paths = []
-            for i, (w, h) in enumerate(sizes):
-                path = Path(tmp) / f"img{i}_{w}x{h}.png"
-                test_image(w, h, seed=i).save(path)
-                paths.append(str(path))
-            images = og.Images.open(*paths) if paths else None
-            named = processor(prompt, images=images)
-            return {k: np.array(named[k].as_numpy()) for k in named.keys()}  # noqa: SIM118 (og.NamedTensors is not iterable)
+    counts_ok, bad = True, []
+    for w, h in count_shapes:
+        got = process("<|user|>\n<|image_1|>\nx<|end|>\n<|assistant|>\n", ((w, h),))
+        want = expected_tokens(got["image_sizes"])[0]
+        n = int(got["num_image_tokens"][0, 0])
+        slots = int((got["input_ids"] < 0).sum())
+        if n != want or slots != want:
+            counts_ok = False
+            bad.append(f"{w}x{h}: {n} tokens, {slots} slots, formula {want}")
+    report.add(
+        "image-token counts",
+        counts_ok,
+        f"{len(count_shapes)} shapes match (h*w+1)*144+1+(h+1)*12" if counts_ok else "; ".join(bad),
+    )
 
-        counts_ok, bad = True, []
-        for w, h in count_shapes:
-            got = process("<|user|>\n<|image_1|>\nx<|end|>\n<|assistant|>\n", ((w, h),))
-            want = expected_tokens(got["image_sizes"])[0]
-            n = int(got["num_image_tokens"][0, 0])
-            slots = int((got["input_ids"] < 0).sum())
-            if n != want or slots != want:
-                counts_ok = False
-                bad.append(f"{w}x{h}: {n} tokens, {slots} slots, formula {want}")
-        report.add(
-            "image-token counts",
-            counts_ok,
-            f"{len(count_shapes)} shapes match (h*w+1)*144+1+(h+1)*12" if counts_ok else "; ".join(bad),
-        )
-
-        for name, sizes in (cases or CASES).items():
-            tags = "".join(f"<|image_{i + 1}|>\n" for i in range(len(sizes)))
-            prompt = f"<|user|>\n{tags}What is shown in this image?<|end|>\n<|assistant|>\n"
-            inputs = process(prompt, sizes)
-            _compare(report, name, inputs, og_model, og, torch_model, new_tokens, eos, precision)
+    for name, sizes in (cases or CASES).items():
+        tags = "".join(f"<|image_{i + 1}|>\n" for i in range(len(sizes)))
+        prompt = f"<|user|>\n{tags}What is shown in this image?<|end|>\n<|assistant|>\n"
+        inputs = process(prompt, sizes)
+        _compare(report, name, inputs, og_model, torch_model, new_tokens, eos, precision)
     return report
 
 
@@ -151,24 +141,18 @@ def _precision(model_dir: Path) -> str:
     return "fp16" if dtype == "float16" else "fp32"
 
 
-def _og_run(og_model, og, inputs: dict[str, np.ndarray], new_tokens: int):
+def _og_run(og_model, inputs: dict[str, np.ndarray], new_tokens: int):
     """(prompt logits, last-position logits of every decode step, tokens) from onnxruntime-genai."""
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=inputs["input_ids"].shape[1] + new_tokens, do_sample=False)
-    gen = og.Generator(og_model, params)
-    named = og.NamedTensors()
-    for key, value in inputs.items():
-        named[key] = np.ascontiguousarray(value, dtype=np.dtype(value.dtype.name))
-    gen.set_inputs(named)
+    from phi_onnx import _og
+
+    search = {"max_length": inputs["input_ids"].shape[1] + new_tokens, "do_sample": False}
     tokens, logits, steps = [], None, []
-    while not gen.is_done():
-        gen.generate_next_token()
-        current = np.array(gen.get_output("logits"))
+    for token, current in _og.run_tokens_with_logits(og_model, inputs, search):
         if logits is None:
             logits = current
         else:
             steps.append(current[0, -1].astype(np.float32))
-        tokens.append(int(gen.get_next_tokens()[0]))
+        tokens.append(token)
     return logits, steps, tokens
 
 
@@ -199,8 +183,8 @@ def _torch_run(model, inputs: dict[str, np.ndarray], new_tokens: int, eos: set[i
     return logits, steps, tokens
 
 
-def _compare(report: Report, name: str, inputs, og_model, og, torch_model, new_tokens: int, eos, precision) -> None:
-    og_logits, og_steps, og_tokens = _og_run(og_model, og, inputs, new_tokens)
+def _compare(report: Report, name: str, inputs, og_model, torch_model, new_tokens: int, eos, precision) -> None:
+    og_logits, og_steps, og_tokens = _og_run(og_model, inputs, new_tokens)
     ref_logits, ref_steps, ref_tokens = _torch_run(torch_model, inputs, new_tokens, eos)
     seq = inputs["input_ids"].shape[1]
     positions = f"all {seq} positions"

@@ -7,6 +7,7 @@ release means one module to adapt.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import io
@@ -109,36 +110,32 @@ def cpu_session_options(threads: int) -> dict[str, Any]:
     return {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
 
 
-def open_model(folder: Path, provider: str, threads: int | None, extra_config: Mapping[str, Any] | None = None):
-    """Create ``og.Model`` for a folder on a provider, with CPU threads set on all three sessions."""
+def session_overlay(provider: str, threads: int | None) -> dict[str, Any]:
+    """The genai_config overlay phi-onnx applies: on the CPU, the thread settings on all three phi3v sessions.
+
+    onnxruntime's default is not "all cores" everywhere (with default settings onnxruntime-genai ran on one core of
+    this project's 2-core machines), so the count is always explicit.
+    """
+    if provider != "cpu":
+        return {}
+    options = cpu_session_options(threads or default_threads())
+    return {"model": {graph: {"session_options": dict(options)} for graph in _SESSION_GRAPHS}}
+
+
+def open_model(folder: Path, provider: str, threads: int | None):
+    """Create ``og.Model`` for a phi3v folder on a provider, with :func:`session_overlay` applied."""
     mod = og()
     try:
         config = mod.Config(str(folder))
         config.clear_providers()
         if provider != "cpu":
             config.append_provider(provider)
-        overlay: dict[str, Any] = {"model": {}}
-        if provider == "cpu":
-            n = threads or default_threads()
-            cfg = json.loads((folder / "genai_config.json").read_text())["model"]
-            for graph in _SESSION_GRAPHS:
-                if graph in cfg:
-                    overlay["model"][graph] = {"session_options": cpu_session_options(n)}
-        if extra_config:
-            _deep_merge(overlay, dict(extra_config))
-        if overlay["model"] or len(overlay) > 1:
+        overlay = session_overlay(provider, threads)
+        if overlay:
             config.overlay(json.dumps(overlay))
         return mod.Model(config)
     except RuntimeError as err:
         raise ModelError(f"onnxruntime-genai could not load {folder}: {str(err).strip().splitlines()[0]}") from err
-
-
-def _deep_merge(into: dict, more: dict) -> None:
-    for key, value in more.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
 
 
 class Tokenizer:
@@ -162,12 +159,9 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=np.dtype(value.dtype.name))
 
 
-def run_tokens(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]) -> Iterator[int]:
-    """Run the prompt and yield each generated token id until the search stops.
-
-    ``inputs`` holds ``input_ids`` (int32 [1, S], negative ids mark image slots) and, with images, ``pixel_values``,
-    ``image_sizes`` and ``num_image_tokens``. The generator is released as soon as the loop ends or is abandoned.
-    """
+@contextlib.contextmanager
+def _generator(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]):
+    """A generator with the prompt inputs set; released on exit (also when a caller abandons its loop)."""
     mod = og()
     params = mod.GeneratorParams(model)
     params.set_search_options(**search)
@@ -179,12 +173,33 @@ def run_tokens(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any
                 value = value.astype(np.int32, copy=False)  # og reads input_ids as int32 whatever the dtype
             named[key] = _contiguous(value)
         generator.set_inputs(named)
-        while not generator.is_done():
-            generator.generate_next_token()
-            yield int(generator.get_next_tokens()[0])
+        yield generator
     finally:
         del generator
         del params
+
+
+def run_tokens(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]) -> Iterator[int]:
+    """Run the prompt and yield each generated token id until the search stops.
+
+    ``inputs`` holds ``input_ids`` (int32 [1, S], negative ids mark image slots) and, with images, ``pixel_values``,
+    ``image_sizes`` and ``num_image_tokens``. The generator is released as soon as the loop ends or is abandoned.
+    """
+    with _generator(model, inputs, search) as generator:
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+
+def run_tokens_with_logits(
+    model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Like :func:`run_tokens`, with the logits the decoder returned at each step (a copy per step: for parity
+    checks, not for serving)."""
+    with _generator(model, inputs, search) as generator:
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0]), np.array(generator.get_output("logits"))
 
 
 def processor_inputs(model, prompt: str, png_images: Sequence[bytes]) -> dict[str, np.ndarray]:

@@ -112,6 +112,7 @@ class PhiVision:
         self.preprocessor = preprocessor
         self.max_frames = max_frames
         self._model = _og.open_model(self.folder, provider, self.threads)
+        self._pixel_dtype = _pixel_dtype(self.info)
         self._tokenizer = _og.Tokenizer(self._model)
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
         self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
@@ -215,7 +216,7 @@ class PhiVision:
             ids = splice_image_tokens(text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist())
             inputs = {
                 "input_ids": ids,
-                "pixel_values": pre.pixel_values.astype(self._pixel_dtype(), copy=False),
+                "pixel_values": pre.pixel_values.astype(self._pixel_dtype, copy=False),
                 "image_sizes": pre.image_sizes,
                 "num_image_tokens": pre.num_image_tokens,
             }
@@ -305,15 +306,16 @@ class PhiVision:
             return True
         return False
 
-    def _pixel_dtype(self) -> np.dtype:
-        info = self.info.vision.input(
-            self.info.config["model"].get("vision", {}).get("inputs", {}).get("pixel_values", "pixel_values")
-        )
-        return np.dtype({"float16": np.float16}.get(info.dtype if info else "", np.float32))
-
     def _options(self, options, values: Mapping[str, Any]) -> GenerationOptions:
         base = self.options if options is None else _as_options(options)
         return base.updated(values) if values else base
+
+
+def _pixel_dtype(info: ModelInfo) -> np.dtype:
+    """The dtype the vision graph declares for pixel_values (float16 in CUDA builds, float32 otherwise)."""
+    name = info.config["model"].get("vision", {}).get("inputs", {}).get("pixel_values", "pixel_values")
+    declared = info.vision.input(name)
+    return np.dtype(np.float16 if declared is not None and declared.dtype == "float16" else np.float32)
 
 
 def _forget(dead: list, key: tuple, _ref: weakref.ref) -> None:

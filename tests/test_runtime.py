@@ -288,8 +288,16 @@ def test_unavailable_provider_names_what_to_install(tiny_model_dir):
     assert phi_onnx.load(tiny_model_dir, device="auto").device == "cpu"
 
 
-def test_threads_default_to_all_cores(tiny_model):
+def test_threads_default_to_all_cores(tiny_model, tiny_model_dir):
     assert tiny_model.threads == _og.default_threads()
+    overlay = _og.session_overlay("cpu", None)
+    for graph in ("decoder", "vision", "embedding"):  # every session, not only the decoder
+        assert overlay["model"][graph]["session_options"]["intra_op_num_threads"] == _og.default_threads()
+    assert _og.session_overlay("cpu", 1)["model"]["vision"]["session_options"]["intra_op_num_threads"] == 1
+    assert _og.session_overlay("cuda", None) == {}
+    one = phi_onnx.load(tiny_model_dir, device="cpu", threads=1)  # onnxruntime-genai accepts the overlay
+    assert one.threads == 1
+    assert one.generate("Hi", max_new_tokens=2).generated_tokens == 2
 
 
 def test_no_memory_growth_over_100_generations(tiny_model, example_image):
@@ -333,8 +341,8 @@ def test_stream_checks_inputs_before_returning(tiny_model):
 
 
 def test_generate_reports_num_crops_for_messages(tiny_model, example_image):
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(example_image)}, "Describe."]}]
-    messages[0]["content"][1] = {"type": "text", "text": "Describe."}
+    content = [{"type": "image", "image": str(example_image)}, {"type": "text", "text": "Describe."}]
+    messages = [{"role": "user", "content": content}]
     assert tiny_model.generate(messages=messages, max_new_tokens=2).num_crops == 16
     assert tiny_model.generate("Hi", max_new_tokens=2).num_crops is None
 
