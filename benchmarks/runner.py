@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from phi_onnx.cli.info import versions
 from phi_onnx.errors import PhiOnnxError
-from phi_onnx.info import versions
 from phi_onnx_bench.spec import FIGURES, PathSpec, Workload, summarize
 
 # Issue 5's targets, checked in every report.

@@ -129,7 +129,7 @@ def verify(
 
 
 def _precision(model_dir: Path) -> str:
-    from phi_onnx.modelinfo import read_graph_io
+    from phi_onnx.hub.modelinfo import read_graph_io
 
     text = next(model_dir.glob("*-text.onnx"), None)
     if text is None:

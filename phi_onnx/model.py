@@ -18,8 +18,8 @@ import numpy as np
 from phi_onnx import _og
 from phi_onnx.errors import ModelError, OptionsError
 from phi_onnx.generation import Chunk, Generation, collect, token_chunks
+from phi_onnx.hub.modelinfo import ModelInfo, inspect_model
 from phi_onnx.images import ImageInput, load_frames
-from phi_onnx.modelinfo import ModelInfo, inspect_model
 from phi_onnx.options import GenerationOptions
 from phi_onnx.preprocess import Preprocessed, preprocess_images
 from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from phi_onnx.cli_bench import bench
+from phi_onnx.cli.bench import bench
 from phi_onnx_bench.spec import FIGURES, summarize
 
 FAST = ("--new-tokens", "3", "--warmup", "0", "--repeat", "2", "--num-crops", "4")

@@ -295,7 +295,7 @@ def test_fp16_cuda_build_has_a_consistent_dtype_chain_and_runs(tmp_path, tiny_ch
     """The CUDA fp16 folder: fp16 pixel_values -> image_features -> inputs_embeds, as onnxruntime-genai requires.
     Its graphs also run on the CPU provider, which lets us check it answers like the fp32 build."""
     import phi_onnx
-    from phi_onnx.modelinfo import inspect_model
+    from phi_onnx.hub.modelinfo import inspect_model
 
     out = build(tiny_checkpoint, tmp_path / "fp16", precision="fp16", device="cuda", log=lambda m: None)
     info = inspect_model(out)

@@ -1,4 +1,4 @@
-"""Tests for phi_onnx.modelinfo: the ONNX interface reader and the model folder checks."""
+"""Tests for phi_onnx.hub.modelinfo: the ONNX interface reader and the model folder checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hubserver import build_fake_model, write_onnx
 
 from phi_onnx.errors import ModelError
-from phi_onnx.modelinfo import GraphInfo, TensorInfo, inspect_model, read_graph_io
+from phi_onnx.hub.modelinfo import GraphInfo, TensorInfo, inspect_model, read_graph_io
 
 PREFIX = "phi-3.5-v-instruct"
 

@@ -47,7 +47,7 @@ def describe(model: str | Path | None) -> dict[str, Any]:
         data["providers"] = {"error": str(err)}
     if model is None:
         return data
-    from phi_onnx.modelinfo import inspect_model
+    from phi_onnx.hub.modelinfo import inspect_model
 
     info = inspect_model(Path(model).expanduser())
     data["model"] = {

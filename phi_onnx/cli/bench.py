@@ -12,7 +12,7 @@ import click
 
 from phi_onnx.errors import OptionsError, PhiOnnxError, require
 
-EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.jpg"
+EXAMPLE_IMAGE = Path(__file__).parents[1] / "assets" / "example.jpg"
 SIZES = ("tiny", "bench", "full")
 PRECISIONS = ("fp32", "int4")
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -164,7 +164,7 @@ def _command_line() -> str | None:
 def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
                against: str | None, compile_: bool) -> list:  # fmt: skip
     """Turn the options into the list of paths to run, validating them before any work."""
-    from phi_onnx.modelinfo import inspect_model
+    from phi_onnx.hub.modelinfo import inspect_model
     from phi_onnx_bench.spec import PathSpec
 
     if size is not None and (models or checkpoint is not None):
@@ -211,7 +211,7 @@ def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | No
 
 def folder_precision(folder: Path) -> str:
     """ "int4" when the decoder holds MatMulNBits, else the dtype of its inputs_embeds ("fp16" or "fp32")."""
-    from phi_onnx.modelinfo import inspect_model
+    from phi_onnx.hub.modelinfo import inspect_model
 
     info = inspect_model(folder)
     with open(info.decoder.path, "rb") as f:

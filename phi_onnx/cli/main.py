@@ -17,7 +17,7 @@ import click
 from phi_onnx.errors import PhiOnnxError
 from phi_onnx.options import FIELDS
 
-EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.jpg"
+EXAMPLE_IMAGE = Path(__file__).parents[1] / "assets" / "example.jpg"
 
 
 class _Group(click.Group):
@@ -313,15 +313,15 @@ def info(model: str | None, as_json: bool) -> None:
       phi-onnx info --json ./tiny
       phi-onnx info                 # just this machine: providers and versions
     """
-    from phi_onnx.info import describe, render
+    from phi_onnx.cli.info import describe, render
 
     data = describe(model)
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
 
 
 def _register_optional() -> None:
-    from phi_onnx.cli_bench import bench
-    from phi_onnx.cli_export import export
+    from phi_onnx.cli.bench import bench
+    from phi_onnx.cli.export import export
 
     main.add_command(export)
     main.add_command(bench)

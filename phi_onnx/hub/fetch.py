@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.errors import FetchError, ModelError
-from phi_onnx.hubverify import MARKER, RemoteFile, load_marker, verify_folder
-from phi_onnx.modelinfo import OFFICIAL_REPOS, check_genai_config, inspect_model
+from phi_onnx.hub.modelinfo import OFFICIAL_REPOS, check_genai_config, inspect_model
+from phi_onnx.hub.verify import MARKER, RemoteFile, load_marker, verify_folder
 
 DEFAULT_REPO = OFFICIAL_REPOS[0]
 VARIANTS = {
@@ -75,7 +75,7 @@ def fetch(
             failing. Files that changed since they were verified are checked again against the recorded hashes.
 
     Returns:
-        The local folder holding genai_config.json, checked with :func:`~phi_onnx.modelinfo.inspect_model`.
+        The local folder holding genai_config.json, checked with :func:`~phi_onnx.hub.modelinfo.inspect_model`.
 
     Raises:
         FetchError: The repo is a legacy one, the variant is unknown, the Hub cannot be reached and nothing is cached,
