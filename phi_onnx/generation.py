@@ -28,6 +28,7 @@ class Chunk:
         elapsed_ms: From the call to this chunk.
         finish_reason: None until the last chunk; then "stop" (end of turn or a stop string) or "length".
         num_crops: HD crops per image used for this prompt (None without images).
+        cached_tokens: Prompt tokens whose KV cache was reused from an earlier generation, not computed again.
     """
 
     text: str
@@ -41,6 +42,7 @@ class Chunk:
     elapsed_ms: float
     finish_reason: str | None = None
     num_crops: int | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Generation:
     decode_tokens_per_s: float
     elapsed_ms: float
     num_crops: int | None = None
+    cached_tokens: int = 0
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +133,7 @@ def token_chunks(
     eos_ids: frozenset[int],
     stops: tuple[str, ...] = (),
     num_crops: int | None = None,
+    cached_tokens: int = 0,
 ) -> Iterator[Chunk]:
     """Turn generated token ids into chunks with running numbers.
 
@@ -155,6 +159,7 @@ def token_chunks(
             "decode_tokens_per_s": rate,
             "elapsed_ms": (now - start) * 1e3,
             "num_crops": num_crops,
+            "cached_tokens": cached_tokens,
         }
 
     try:
