@@ -84,6 +84,8 @@ def _safe(mod: ModuleType, fn: str) -> bool:
 
 def resolve_provider(device: str) -> str:
     """Map "auto" | "cpu" | "cuda" | "dml" (also "gpu" for cuda) to a usable provider, or raise ProviderError."""
+    if not isinstance(device, str):
+        raise ProviderError(f"device must be a string (auto, cpu, cuda or dml), got {device!r}")
     asked = device.lower().strip()
     asked = "cuda" if asked == "gpu" else asked
     status = provider_status()
@@ -94,7 +96,8 @@ def resolve_provider(device: str) -> str:
     reason = status[asked]
     if reason is not None:
         available = ", ".join(p for p, why in status.items() if why is None)
-        raise ProviderError(f"device '{asked}' is not available ({reason}); available here: {available}")
+        named = f"'{device}' (CUDA)" if asked != device.lower().strip() else f"'{asked}'"
+        raise ProviderError(f"device {named} is not available ({reason}); available here: {available}")
     return asked
 
 
@@ -135,14 +138,28 @@ def open_model(folder: Path, provider: str, threads: int | None):
             config.overlay(json.dumps(overlay))
         return mod.Model(config)
     except RuntimeError as err:
-        raise ModelError(f"onnxruntime-genai could not load {folder}: {str(err).strip().splitlines()[0]}") from err
+        raise ModelError(f"onnxruntime-genai could not load {folder}: {first_line(err)}") from err
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (for one-line errors)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Tokenizer:
     """og's tokenizer: encoding without BOS (as og's Phi processor does) and streaming decode."""
 
-    def __init__(self, model) -> None:
-        self._tok = og().Tokenizer(model)
+    def __init__(self, model, folder: Path | None = None) -> None:
+        try:
+            self._tok = og().Tokenizer(model)
+        except RuntimeError as err:
+            where = f"the tokenizer files in {folder}" if folder is not None else "the model's tokenizer"
+            raise ModelError(
+                f"onnxruntime-genai could not load {where} ({first_line(err)}): re-download or re-export the "
+                "tokenizer.json and tokenizer_config.json"
+            ) from err
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tok.encode(text)] if text else []

@@ -1,7 +1,9 @@
 """Multi-turn conversations that keep their images.
 
 phi3v cannot rewind or reuse its KV cache between turns in onnxruntime-genai, so each turn re-encodes the whole
-history: earlier images stay in the conversation and ``<|image_N|>`` tags are numbered over all of it.
+history: earlier images stay in the conversation and ``<|image_N|>`` tags are numbered over all of it. Each image keeps
+the num_crops it was first sent with (16 when it is the conversation's only image, 4 once there are several, or the
+``num_crops`` option of its turn), so a later image never changes how an earlier one is seen.
 """
 
 from __future__ import annotations
@@ -41,11 +43,7 @@ class Chat:
 
     def add_image(self, image: ImageInput) -> int:
         """Attach an image (or the frames of an animation / folder) to the next user turn; returns frames added."""
-        from phi_onnx.model import DECODED
-
-        frames = load_frames(image, max_frames=self.model.max_frames)
-        for frame in frames:
-            frame.info[DECODED] = True  # decoded once; later turns reuse the object (and its cached HD transform)
+        frames = self._decode(image)
         self.pending.extend(frames)
         return len(frames)
 
@@ -55,22 +53,52 @@ class Chat:
         self.pending.clear()
 
     def stream(self, text: str, images: Sequence[ImageInput] = (), **option_values: Any) -> Iterator[Chunk]:
-        """Send a user turn and stream the answer. The turn joins the history only once the answer is complete."""
-        for image in images:
-            self.add_image(image)
-        content: list[dict[str, Any]] = [{"type": "image", "image": f} for f in self.pending]
+        """Send a user turn and stream the answer.
+
+        Input is checked (images decoded, prompt tokenised, budget checked) before this returns, so bad input raises
+        here and leaves the conversation exactly as it was. The turn joins the history only once the answer is
+        complete; an answer abandoned half-way is not kept.
+        """
+        from phi_onnx.model import CROPS
+
+        opts = self.options.updated(option_values) if option_values else self.options
+        new = [frame for image in images for frame in self._decode(image)]
+        frames = [*self.pending, *new]
+        # An image's crops are fixed when it first goes to the model and kept for the rest of the conversation, so
+        # the model never sees an image it already described at another resolution.
+        unmarked = [f for f in frames if CROPS not in f.info]
+        crops = opts.crops_for(self.image_count + len(new))
+        for frame in unmarked:
+            frame.info[CROPS] = crops
+        content: list[dict[str, Any]] = [{"type": "image", "image": f} for f in frames]
         content.append({"type": "text", "text": text})
         user = {"role": "user", "content": content}
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        opts = self.options.updated(option_values) if option_values else self.options
+        try:
+            chunks = self.model.stream(messages=[*history, user], options=opts)
+        except BaseException:
+            for frame in unmarked:
+                del frame.info[CROPS]
+            raise
+        return self._record(chunks, user)
+
+    def _record(self, chunks: Iterator[Chunk], user: dict[str, Any]) -> Iterator[Chunk]:
         parts: list[str] = []
-        for chunk in self.model.stream(messages=[*history, user], options=opts):
+        for chunk in chunks:
             parts.append(chunk.text)
             yield chunk
             if chunk.finish_reason is not None:
                 self.messages.append(user)
                 self.messages.append({"role": "assistant", "content": "".join(parts)})
                 self.pending = []
+
+    def _decode(self, image: ImageInput) -> list:
+        from phi_onnx.model import DECODED
+
+        frames = load_frames(image, max_frames=self.model.max_frames)
+        for frame in frames:
+            frame.info[DECODED] = True  # decoded once; later turns reuse the object (and its cached HD transform)
+        return frames
 
     def send(self, text: str, images: Sequence[ImageInput] = (), **option_values: Any) -> Generation:
         """Send a user turn and return the whole answer."""

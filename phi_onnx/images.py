@@ -152,7 +152,7 @@ def to_rgb(image: Image.Image, *, name: str | None = None) -> Image.Image:
     if mode == "RGB" and not image.has_transparency_data:
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(image), mode, name)).convert("RGB")
     if image.has_transparency_data:
         rgba = image.convert("LA").convert("RGBA") if mode == "La" else image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -165,10 +165,12 @@ def to_rgb(image: Image.Image, *, name: str | None = None) -> Image.Image:
         ) from err
 
 
-def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(values: np.ndarray, mode: str, name: str | None = None) -> np.ndarray:
     if mode.startswith("I;16"):
         return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():  # as for float arrays: never turn NaN or infinity into black pixels silently
+        raise ImageError(f"{name or 'image'} (mode {mode}) holds NaN or infinite values: pass finite pixel values")
     low, high = float(values.min()), float(values.max())
     if mode == "I" and low >= 0 and high <= 65535:
         return np.rint(values * (255 / 65535)).astype(np.uint8)
@@ -186,7 +188,7 @@ def _finish(img: Image.Image, label: str, orientation: int) -> Image.Image:
     try:
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{label} is too large to decode safely ({err}): downscale it first") from err
+        raise ImageError(_bomb_message(label, err)) from err
     except _DECODE_ERRORS as err:
         raise ImageError(f"{label} is truncated or corrupt ({err}): re-download or re-export the file") from err
     rgb = to_rgb(img, name=label)
@@ -233,7 +235,7 @@ def _opened(src: ImageInput, label: str) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{label} is too large to decode safely ({err}): downscale it first") from err
+        raise ImageError(_bomb_message(label, err)) from err
     except Image.UnidentifiedImageError as err:
         raise ImageError(f"{label} is not an image Pillow can read: pass a PNG, JPEG, GIF, WebP, BMP or TIFF") from err
     except PermissionError as err:
@@ -291,7 +293,9 @@ def _from_array(array: np.ndarray, label: str) -> Image.Image:
         raise ImageError(f"{label} has shape {shape}, which holds no pixels")
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ImageError(f"{label} is a float array with values outside [0, 1]: scale it to [0, 1] or pass uint8")
+            raise ImageError(
+                f"{label} is a float array with NaN, infinite or values outside [0, 1]: scale it to [0, 1] or pass uint8"
+            )
         array = np.rint(array.astype(np.float64) * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ImageError(f"{label} has dtype {array.dtype}: pass uint8 (0..255) or float (0..1)")
@@ -356,6 +360,21 @@ def _sample(count: int, max_frames: int | None) -> list[int]:
     return [int(i) for i in np.rint(np.linspace(0, count - 1, max_frames))]
 
 
+def _bomb_message(label: str, err: BaseException) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels, " if found else ""
+    return (
+        f"{label} is too large to decode safely ({size}over the limit of {MAX_IMAGE_PIXELS:,}, a possible "
+        "decompression bomb): downscale it first"
+    )
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """Caller text fit for a one-line message: control characters escaped, cut to ``limit`` characters."""
+    escaped = text.encode("unicode_escape", "backslashreplace").decode("ascii") if not text.isprintable() else text
+    return escaped if len(escaped) <= limit else f"{escaped[: limit - 3]}..."
+
+
 def _is_url(src: str | os.PathLike) -> bool:
     return isinstance(src, str) and _URL_SCHEME.match(src) is not None
 
@@ -364,7 +383,7 @@ def _label(src: ImageInput, name: str | None) -> str:
     if isinstance(src, str) and src[:5].lower() == "data:":
         described = "<data URL>"
     elif isinstance(src, str | os.PathLike):
-        described = f"'{os.fsdecode(os.fspath(src))}'"
+        described = f"'{shorten(os.fsdecode(os.fspath(src)))}'"
     elif isinstance(src, bytes | bytearray | memoryview):
         described = "<bytes>"
     elif isinstance(src, Image.Image):

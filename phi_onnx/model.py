@@ -21,12 +21,13 @@ from phi_onnx.generation import Chunk, Generation, collect, token_chunks
 from phi_onnx.hub.modelinfo import ModelInfo, inspect_model
 from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.options import GenerationOptions
-from phi_onnx.preprocess import Preprocessed, preprocess_images
-from phi_onnx.prompt import build_prompt, prompt_from_text, splice_image_tokens
+from phi_onnx.preprocess import Preprocessed, image_token_count, preprocess_images
+from phi_onnx.prompt import IMAGE_TAG, PHI3_SPECIAL_TOKENS, build_prompt, prompt_from_text, splice_image_tokens
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
 DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
+CROPS = "phi_onnx.num_crops"  # set in PIL ``info`` by Chat: the crops an image keeps for the whole conversation
 _CACHE_SIZE = 32  # conversation images whose HD transform is kept (a chat re-sends its images every turn)
 
 
@@ -113,7 +114,9 @@ class PhiVision:
         self.max_frames = max_frames
         self._model = _og.open_model(self.folder, provider, self.threads)
         self._pixel_dtype = _pixel_dtype(self.info)
-        self._tokenizer = _og.Tokenizer(self._model)
+        self._tokenizer = _og.Tokenizer(self._model, self.folder)
+        self.reserved_tokens: tuple[str, ...] = _added_tokens(self.folder)
+        self.vocab_size = int(self.info.config["model"].get("vocab_size") or 0) or None
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
         self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
         self._pre_lock = threading.Lock()  # the cache may be shared by threads serving several requests
@@ -132,6 +135,7 @@ class PhiVision:
         images: Sequence[ImageInput] | ImageInput = (),
         *,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        system: str | None = None,
         options: GenerationOptions | Mapping[str, Any] | None = None,
         **option_values: Any,
     ) -> Iterator[Chunk]:
@@ -144,6 +148,7 @@ class PhiVision:
             prompt: The question. Without tags, the images go before the text.
             images: Paths, bytes, PIL images, numpy arrays or data: URLs; animated images and folders become frames.
             messages: A conversation instead of prompt and images.
+            system: A system prompt, with ``prompt`` (with messages, give a system message instead).
             options: Generation options (a GenerationOptions or a dict); keywords override single fields.
 
         Returns:
@@ -152,7 +157,7 @@ class PhiVision:
         """
         start = time.perf_counter()
         opts = self._options(options, option_values)
-        prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
+        prepared = self.prepare(prompt, images, messages=messages, system=system, options=opts, start=start)
         return self._generate_stream(prepared, opts, start)
 
     def _generate_stream(self, prepared: PreparedInputs, opts: GenerationOptions, start: float) -> Iterator[Chunk]:
@@ -178,13 +183,14 @@ class PhiVision:
         images: Sequence[ImageInput] | ImageInput = (),
         *,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        system: str | None = None,
         options: GenerationOptions | Mapping[str, Any] | None = None,
         **option_values: Any,
     ) -> Generation:
         """Generate a whole answer; the same arguments as :meth:`stream`."""
         start = time.perf_counter()
         opts = self._options(options, option_values)
-        prepared = self.prepare(prompt, images, messages=messages, options=opts, start=start)
+        prepared = self.prepare(prompt, images, messages=messages, system=system, options=opts, start=start)
         return collect(self._generate_stream(prepared, opts, start))
 
     def chat(self, system: str | None = None, **option_values: Any):
@@ -199,20 +205,28 @@ class PhiVision:
         images: Sequence[ImageInput] | ImageInput = (),
         *,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        system: str | None = None,
         options: GenerationOptions | None = None,
         start: float | None = None,
     ) -> PreparedInputs:
-        """Decode images, run the HD transform and tokenise: the generator's inputs, without generating."""
+        """Decode images, run the HD transform and tokenise: the generator's inputs, without generating.
+
+        The token budget is checked from the images' sizes before the HD transform, so a request that cannot fit in
+        the context is refused before the expensive step.
+        """
         start = time.perf_counter() if start is None else start
         opts = options or self.options
-        text, frames = self._prompt_and_frames(prompt, images, messages)
+        self._check_options(opts)
+        text, frames = self._prompt_and_frames(prompt, images, messages, system)
         num_crops = opts.crops_for(len(frames)) if frames else None
-        use_og = self._use_og_processor(num_crops) if frames else False
+        use_og = self._use_og_processor(num_crops, opts) if frames else False
+        crops = [int(f.info.get(CROPS, num_crops)) for f in frames] if not use_og else [16] * len(frames)
+        self._check_budget(text, frames, crops, opts)
         if use_og:
-            inputs = _og.processor_inputs(self._model, text, [_og.png_bytes(f) for f in frames])
+            inputs = self._og_inputs(text, frames)
             num_crops = 16
         elif frames:
-            pre = self._preprocess(frames, num_crops)
+            pre = self._preprocess(frames, crops)
             ids = splice_image_tokens(text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist())
             inputs = {
                 "input_ids": ids,
@@ -229,28 +243,57 @@ class PhiVision:
             inputs, text, int(ids.shape[1]), image_tokens, num_crops, (time.perf_counter() - start) * 1e3
         )
 
-    def _prompt_and_frames(self, prompt, images, messages) -> tuple[str, list]:
+    def _check_options(self, opts: GenerationOptions) -> None:
+        """Limits that come from the model rather than from the option itself."""
+        if self.vocab_size is not None and opts.top_k > self.vocab_size:
+            raise OptionsError(
+                f"top_k is {opts.top_k:,} but this model's vocabulary has {self.vocab_size:,} tokens: use top_k <= "
+                f"{self.vocab_size:,} (0 means no limit)"
+            )
+        opts.max_length(1, self.context_length)  # max_new_tokens alone may already exceed the context
+
+    def _check_budget(self, text: str, frames: list, crops: list[int], opts: GenerationOptions) -> None:
+        """Refuse a prompt whose image tokens (known from the image sizes) and text cannot fit, before any HD work."""
+        image_tokens = sum(image_token_count(f.width, f.height, c) for f, c in zip(frames, crops))
+        text_chars = len(IMAGE_TAG.sub("", text))
+        if image_tokens + opts.max_new_tokens + 1 <= self.context_length and text_chars <= self.context_length * 8:
+            return  # text tokens are counted exactly after tokenisation, which is cheap
+        text_tokens = len(self._tokenizer.encode(IMAGE_TAG.sub("", text)))
+        opts.max_length(image_tokens + text_tokens, self.context_length)
+
+    def _og_inputs(self, text: str, frames: list) -> dict[str, np.ndarray]:
+        try:
+            return _og.processor_inputs(self._model, text, [_og.png_bytes(f) for f in frames])
+        except RuntimeError as err:
+            raise ModelError(
+                f"onnxruntime-genai's processor failed on {self.folder} ({_og.first_line(err)}): check "
+                "processor_config.json, or use preprocessor='phi-onnx'"
+            ) from err
+
+    def _prompt_and_frames(self, prompt, images, messages, system) -> tuple[str, list]:
         if messages is not None:
             if prompt is not None or _as_list(images):
                 raise OptionsError("give either messages, or a prompt with images, not both")
+            if system is not None:
+                raise OptionsError("with messages, give the system prompt as a {'role': 'system'} message")
             expanded = [_expand_message(m, self.max_frames) for m in messages]
-            built = build_prompt(expanded)
+            built = build_prompt(expanded, self.reserved_tokens)
             return built.text, list(built.images)
         if prompt is None:
             raise OptionsError("nothing to answer: give a prompt (and images) or messages")
         if not isinstance(prompt, str):
             raise OptionsError(f"prompt must be a string, got {type(prompt).__name__}")
         frames = [f for src in _as_list(images) for f in load_frames(src, max_frames=self.max_frames)]
-        return prompt_from_text(prompt, len(frames)), frames
+        return prompt_from_text(prompt, len(frames), system=system, reserved=self.reserved_tokens), frames
 
-    def _preprocess(self, frames: list, num_crops: int) -> Preprocessed:
+    def _preprocess(self, frames: list, crops: list[int]) -> Preprocessed:
         """The HD transform per image. Conversation images (marked DECODED by Chat) keep their result while they live,
         so each chat turn does not transform the whole history again; other images are not retained."""
         slots = self.info.crop_slots
         with self._pre_lock:
             self._purge_dead()
         parts = []
-        for frame in frames:
+        for frame, num_crops in zip(frames, crops):
             if not frame.info.get(DECODED):
                 parts.append(preprocess_images([frame], num_crops, crop_slots=slots))
                 continue
@@ -288,8 +331,13 @@ class PhiVision:
             if entry is not None and entry[0]() is None:
                 self._pre_cache.pop(key)
 
-    def _use_og_processor(self, num_crops: int) -> bool:
+    def _use_og_processor(self, num_crops: int, opts: GenerationOptions) -> bool:
         if self.preprocessor == "onnxruntime-genai":
+            if opts.num_crops is not None and opts.num_crops != 16:
+                raise OptionsError(
+                    f"num_crops {opts.num_crops} cannot be honoured: onnxruntime-genai's processor always cuts 16 "
+                    "crops; drop num_crops or use preprocessor='phi-onnx'"
+                )
             return True
         slots = self.info.crop_slots
         if slots is not None and num_crops + 1 > slots:
@@ -316,6 +364,23 @@ def _pixel_dtype(info: ModelInfo) -> np.dtype:
     name = info.config["model"].get("vision", {}).get("inputs", {}).get("pixel_values", "pixel_values")
     declared = info.vision.input(name)
     return np.dtype(np.float16 if declared is not None and declared.dtype == "float16" else np.float32)
+
+
+def _added_tokens(folder: Path) -> tuple[str, ...]:
+    """The tokenizer's added tokens (its control tokens), read from tokenizer.json; Phi-3's set is always included."""
+    import json
+
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        added = [t["content"] for t in data.get("added_tokens", [])]
+    except FileNotFoundError as err:
+        raise ModelError(f"{folder} has no tokenizer.json: re-download or re-export the model") from err
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ModelError(
+            f"{path} is unreadable or corrupt ({_og.first_line(err)}): re-download or re-export it"
+        ) from err
+    return tuple(dict.fromkeys([*PHI3_SPECIAL_TOKENS, *(t for t in added if isinstance(t, str) and t)]))
 
 
 def _forget(dead: list, key: tuple, _ref: weakref.ref) -> None:

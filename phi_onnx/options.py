@@ -7,6 +7,8 @@ ranges.
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -99,10 +101,15 @@ class GenerationOptions:
         known = {f.name for f in fields(cls)}
         for key in merged:
             if key not in known:
-                hint = difflib.get_close_matches(key, sorted(known), n=1)
-                suggestion = f"did you mean '{hint[0]}'?" if hint else f"valid options: {', '.join(sorted(known))}"
-                raise OptionsError(f"unknown option '{key}': {suggestion}")
+                raise cls._unknown(key)
         return cls(**merged)
+
+    @staticmethod
+    def _unknown(key: str) -> OptionsError:
+        known = sorted(f.name for f in fields(GenerationOptions))
+        hint = difflib.get_close_matches(key, known, n=1)
+        suggestion = f"did you mean '{hint[0]}'?" if hint else f"valid options: {', '.join(known)}"
+        return OptionsError(f"unknown option '{key}': {suggestion}")
 
     def updated(self, values: Mapping[str, Any] | None = None, **more: Any) -> GenerationOptions:
         """A copy with some fields changed (validated like the constructor); None values are ignored."""
@@ -159,6 +166,8 @@ def _check(f: Field, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionsError(f"{f.name} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionsError(f"{f.name} is {value}, not a finite number: give a value in {_range(f)}")
     if f.kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise OptionsError(f"{f.name} must be a whole number, got {value!r}")
@@ -167,10 +176,32 @@ def _check(f: Field, value: Any) -> Any:
         value = float(value)
     too_low = f.low is not None and (value <= f.low if f.low_open else value < f.low)
     if too_low or (f.high is not None and value > f.high):
-        low = "(" if f.low_open else "["
-        raise OptionsError(f"{f.name} is {value}, outside its range {low}{_num(f.low)}, {_num(f.high)}]")
+        raise OptionsError(f"{f.name} is {value}, outside its range {_range(f)}")
     return value
+
+
+def _range(f: Field) -> str:
+    return f"{'(' if f.low_open else '['}{_num(f.low)}, {_num(f.high)}]"
 
 
 def _num(x: float | None) -> str:
     return "-inf" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
+
+
+def _checked_init(init):
+    """Wrap the dataclass ``__init__`` so unknown keywords are an OptionsError (with a hint), not a TypeError."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **values: Any) -> None:
+        known = {f.name for f in fields(GenerationOptions)}
+        for key in values:
+            if key not in known:
+                raise GenerationOptions._unknown(key)
+        if len(args) > len(known):
+            raise OptionsError(f"GenerationOptions takes at most {len(known)} values, got {len(args)}: use keywords")
+        init(self, *args, **values)
+
+    return __init__
+
+
+GenerationOptions.__init__ = _checked_init(GenerationOptions.__init__)  # type: ignore[method-assign]

@@ -15,8 +15,9 @@ reference/phi3v-spec.md §1.5 and §3.2.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,25 @@ GENERATION_PROMPT = "<|assistant|>\n"
 
 _MAX_LISTED_TAGS = 8
 
+PHI3_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    *(f"<|placeholder{k}|>" for k in range(1, 7)),
+    "<|system|>",
+    "<|end|>",
+    "<|user|>",
+)
+"""The added tokens of the Phi-3-vision tokenizer. Caller text may contain none of them (see :func:`check_text`)."""
+
+# Characters the tokenizer cannot carry: NUL ends the text for onnxruntime-genai's tokenizer (everything after it is
+# silently dropped), lone surrogates are not text at all, and Unicode noncharacters come back as U+FFFD.
+_NONCHARACTERS = "".join(f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17))
+_UNCARRIED = re.compile(f"[\x00\ud800-\udfff\ufdd0-\ufdef{_NONCHARACTERS}]")
+_UNCARRIED_NAMES = {"\x00": "a NUL character"}
+
 
 @dataclass(frozen=True)
 class BuiltPrompt:
@@ -48,7 +68,7 @@ class BuiltPrompt:
     images: list[ImageInput]
 
 
-def build_prompt(messages: Sequence[Mapping]) -> BuiltPrompt:
+def build_prompt(messages: Sequence[Mapping], reserved: Collection[str] = PHI3_SPECIAL_TOKENS) -> BuiltPrompt:
     """Render OpenAI-style chat messages in the Phi-3-V chat format.
 
     Each message is ``{"role": "system" | "user" | "assistant", "content": str | list[part]}``. Parts are
@@ -58,12 +78,14 @@ def build_prompt(messages: Sequence[Mapping]) -> BuiltPrompt:
 
     Args:
         messages: The conversation; the last message must be a user turn.
+        reserved: The tokenizer's control tokens, refused in every text (see :func:`check_text`).
 
     Returns:
         The prompt text, ending with the generation prompt ``<|assistant|>\\n``, and the images in tag order.
 
     Raises:
-        PromptError: A message is malformed; the message's index and the problem are named.
+        PromptError: A message is malformed, or its text holds a control token or a character the tokenizer cannot
+            carry; the message's index and the problem are named.
     """
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise PromptError(f"messages must be a list of {{'role', 'content'}} dicts, got a {type(messages).__name__}")
@@ -72,7 +94,7 @@ def build_prompt(messages: Sequence[Mapping]) -> BuiltPrompt:
     pieces: list[str] = []
     images: list[ImageInput] = []
     for index, message in enumerate(messages):
-        role, texts, message_images = _parse_message(index, message)
+        role, texts, message_images = _parse_message(index, message, reserved)
         if role == "user" and not texts and not message_images:
             raise PromptError(f"message {index} (user) is empty: give it text or an image")
         tags = "".join(f"<|image_{len(images) + k}|>\n" for k in range(1, len(message_images) + 1))
@@ -82,7 +104,8 @@ def build_prompt(messages: Sequence[Mapping]) -> BuiltPrompt:
     last_role = messages[-1]["role"]
     if last_role != "user":
         raise PromptError(
-            f"message {len(messages) - 1} is a {last_role} turn, but the last message must be a user turn: "
+            f"message {len(messages) - 1} is {'an' if last_role == 'assistant' else 'a'} {last_role} turn, but the "
+            "last message must be a user turn: "
             "end the conversation with the user's message"
         )
     text = "".join(pieces) + GENERATION_PROMPT
@@ -90,42 +113,38 @@ def build_prompt(messages: Sequence[Mapping]) -> BuiltPrompt:
     return BuiltPrompt(text, images)
 
 
-def prompt_from_text(prompt: str, num_images: int) -> str:
-    """Turn a raw prompt plus a number of images into a checked Phi-3-V prompt.
+def prompt_from_text(
+    prompt: str, num_images: int, *, system: str | None = None, reserved: Collection[str] = PHI3_SPECIAL_TOKENS
+) -> str:
+    """Turn a plain prompt plus a number of images into a checked Phi-3-V prompt (one user turn).
 
-    A prompt containing ``<|user|>`` is taken as fully formatted; any other is wrapped as one user turn followed by
-    the generation prompt. If the prompt has no image tags, ``<|image_1|>\\n`` ... ``<|image_N|>\\n`` go before the
-    user's text (a formatted prompt with several user turns must place its tags itself).
+    If the prompt has no image tags, ``<|image_1|>\\n`` ... ``<|image_N|>\\n`` go before the text; with tags, they
+    must be exactly 1..N in order. The prompt is caller text: control tokens such as ``<|end|>`` are refused (see
+    :func:`check_text`); pass ``messages`` for a conversation.
 
     Args:
-        prompt: The prompt text, plain or formatted.
+        prompt: The question, plain text, optionally with ``<|image_N|>`` tags.
         num_images: How many images go with it.
+        system: An optional system prompt (no image tags).
+        reserved: The tokenizer's control tokens.
 
     Returns:
-        The formatted prompt.
+        The formatted prompt, ending with the generation prompt.
 
     Raises:
-        PromptError: The tags do not match the images (see :func:`check_image_tags`), or tags cannot be placed.
+        PromptError: The tags do not match the images (see :func:`check_image_tags`), or the text holds a control token
+            or a character the tokenizer cannot carry.
     """
-    if not isinstance(prompt, str):
-        raise PromptError(f"the prompt must be a str, got a {type(prompt).__name__}")
+    check_text(prompt, "the prompt", reserved)
     num_images = _check_count(num_images)
+    head = ""
+    if system is not None:
+        check_text(system, "the system prompt", reserved)
+        _refuse_tags(system, "the system prompt")
+        head = f"<|system|>\n{system}{END}\n" if system else ""
     has_tags = IMAGE_TAG.search(prompt) is not None
     tags = "" if has_tags else "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1))
-    if USER_MARKER not in prompt:
-        text = f"{USER_MARKER}\n{tags}{prompt}{END}\n{GENERATION_PROMPT}"
-    elif tags:
-        turns = prompt.count(USER_MARKER)
-        if turns > 1:
-            raise PromptError(
-                f"the formatted prompt has {turns} user turns and no <|image_N|> tags, so it is unclear where "
-                f"the {_noun(num_images)} belong: put <|image_1|>..<|image_{num_images}|> in the right turn"
-            )
-        head, tail = prompt.split(USER_MARKER, 1)
-        tail = tail.removeprefix("\n")
-        text = f"{head}{USER_MARKER}\n{tags}{tail}"
-    else:
-        text = prompt
+    text = f"{head}{USER_MARKER}\n{tags}{prompt}{END}\n{GENERATION_PROMPT}"
     check_image_tags(text, num_images)
     return text
 
@@ -167,7 +186,7 @@ def check_image_tags(prompt: str, num_images: int) -> None:
     if 0 in tags:
         raise PromptError(f"{head}: tag <|image_0|> is not valid, tags count from 1; {fix}")
     if max(tags) > num_images:
-        raise PromptError(f"{head}: tag <|image_{max(tags)}|> but only {_given(num_images)}; {fix}")
+        raise PromptError(f"{head}: there is no image {max(tags)}; {fix}")
     repeated = next((k for k in tags if tags.count(k) > 1), None)
     if repeated is not None:
         times = {2: "twice", 3: "three times"}.get(tags.count(repeated), f"{tags.count(repeated)} times")
@@ -181,6 +200,54 @@ def check_image_tags(prompt: str, num_images: int) -> None:
         f"{head}: <|image_{tags[later]}|> comes before <|image_{tags[later + 1]}|>, and images are used in order of "
         f"appearance, so they would be swapped; {fix}"
     )
+
+
+def check_text(text: str, where: str, reserved: Collection[str] = PHI3_SPECIAL_TOKENS) -> None:
+    """Refuse caller text that would not reach the model as the caller wrote it.
+
+    Two kinds of text are refused, never altered silently:
+
+    - the model's control tokens (``reserved``: ``<|end|>``, ``<|assistant|>``, ``<s>``, ...). The tokenizer turns
+      them into the real special tokens, so text containing them could forge chat turns; phi-onnx writes the chat
+      format itself.
+    - characters the tokenizer cannot carry: NUL (onnxruntime-genai's tokenizer drops everything after it), lone
+      surrogates (not text; the CLI gets them from undecodable bytes in its arguments) and Unicode noncharacters.
+
+    Args:
+        text: The caller's text.
+        where: How to name it in the error, e.g. ``"message 2 (user)"``.
+        reserved: The tokenizer's added tokens; :data:`PHI3_SPECIAL_TOKENS` by default.
+
+    Raises:
+        PromptError: The text is not a str, or contains one of the above; the message names it and its position.
+    """
+    if not isinstance(text, str):
+        raise PromptError(f"{where} must be a str, got a {type(text).__name__}")
+    bad = _UNCARRIED.search(text)
+    if bad is not None:
+        char = bad.group(0)
+        name = _UNCARRIED_NAMES.get(char) or (
+            f"a lone surrogate U+{ord(char):04X} (undecodable input?)"
+            if 0xD800 <= ord(char) <= 0xDFFF
+            else f"the noncharacter U+{ord(char):04X}"
+        )
+        raise PromptError(
+            f"{where} contains {name} at character {bad.start()}, which the tokenizer cannot carry: remove it "
+            "(or fix the text's encoding)"
+        )
+    pattern = _reserved_pattern(tuple(sorted(set(reserved), key=len, reverse=True)))
+    found = pattern.search(text) if pattern is not None else None
+    if found is not None:
+        raise PromptError(
+            f"{where} contains {found.group(0)!r} at character {found.start()}, one of the model's control tokens: "
+            "caller text cannot write chat-format markers, remove it (pass a conversation as messages with roles)"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _reserved_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    tokens = tuple(t for t in tokens if t)
+    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
 
 
 def splice_image_tokens(
@@ -219,7 +286,7 @@ def splice_image_tokens(
     return np.concatenate(ids)[None, :]
 
 
-def _parse_message(index: int, message: object) -> tuple[str, list[str], list[ImageInput]]:
+def _parse_message(index: int, message: object, reserved: Collection[str]) -> tuple[str, list[str], list[ImageInput]]:
     """(role, text parts, images) of one message, or a PromptError naming it."""
     where = f"message {index}"
     if not isinstance(message, Mapping):
@@ -230,6 +297,7 @@ def _parse_message(index: int, message: object) -> tuple[str, list[str], list[Im
     where = f"message {index} ({role})"
     content = message.get("content")
     if isinstance(content, str):
+        check_text(content, where, reserved)
         _refuse_tags(content, where)
         return role, ([content] if content else []), []
     if content is None:
@@ -244,6 +312,7 @@ def _parse_message(index: int, message: object) -> tuple[str, list[str], list[Im
             text = part.get("text")
             if not isinstance(text, str):
                 raise PromptError(f"{where} part {p} is a text part without a 'text' string")
+            check_text(text, f"{where} part {p}", reserved)
             _refuse_tags(text, f"{where} part {p}")
             texts.append(text)
         elif kind in ("image_url", "image"):

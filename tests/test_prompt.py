@@ -91,7 +91,7 @@ def test_image_only_user_turn():
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [image("a.png")]}],
             "message 1 (assistant) part 0 is an image",
         ),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "message 1 is a assistant turn"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "message 1 is an assistant turn"),
         ([{"role": "system", "content": "be nice"}], "last message must be a user turn"),
         ([{"role": "user", "content": "<|image_1|>\nhi"}], "message 0 (user) contains the tag <|image_1|>"),
         ([{"role": "user", "content": [text("see <|image_2|>")]}], "message 0 (user) part 0 contains the tag"),
@@ -116,23 +116,24 @@ def test_plain_prompt_with_its_own_tags_keeps_them():
     assert prompt_from_text("<|image_1|>\nWhat?", 1) == "<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
 
 
-def test_formatted_prompt_is_kept_and_gets_tags_in_its_user_turn():
+def test_formatted_prompts_are_refused_and_system_has_its_own_argument():
     formatted = "<|system|>\nS<|end|>\n<|user|>\nDescribe.<|end|>\n<|assistant|>\n"
-    assert prompt_from_text(formatted, 0) == formatted
+    with pytest.raises(PromptError, match=r"'<\|system\|>' at character 0, one of the model's control tokens"):
+        prompt_from_text(formatted, 0)
     assert (
-        prompt_from_text(formatted, 1)
+        prompt_from_text("Describe.", 1, system="S")
         == "<|system|>\nS<|end|>\n<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n"
     )
-
-
-def test_formatted_prompt_with_several_user_turns_and_no_tags_is_refused():
-    formatted = "<|user|>\nA<|end|>\n<|assistant|>\nB<|end|>\n<|user|>\nC<|end|>\n<|assistant|>\n"
-    with pytest.raises(PromptError, match="2 user turns"):
-        prompt_from_text(formatted, 1)
+    # Tags the caller wrote keep working with a system prompt (the CLI's -s used to break them).
+    assert prompt_from_text("A <|image_1|> B", 1, system="S").endswith(
+        "<|user|>\nA <|image_1|> B<|end|>\n<|assistant|>\n"
+    )
+    with pytest.raises(PromptError, match="the system prompt contains the tag"):
+        prompt_from_text("x", 1, system="<|image_1|>")
 
 
 def test_prompt_from_text_validates_tags():
-    with pytest.raises(PromptError, match=r"tag <\|image_3\|> but only 2 images were given"):
+    with pytest.raises(PromptError, match=r"2 images were given: there is no image 3"):
         prompt_from_text("<|image_1|><|image_3|> compare", 2)
     with pytest.raises(PromptError, match="non-negative integer"):
         prompt_from_text("hi", -1)
@@ -161,8 +162,8 @@ def test_valid_tags_pass(prompt, count):
         (
             "<|image_1|><|image_3|>",
             2,
-            "the prompt has tags <|image_1|>, <|image_3|> but 2 images were given: tag <|image_3|> but only 2 images "
-            "were given; number the tags <|image_1|>..<|image_2|> once each, in order",
+            "the prompt has tags <|image_1|>, <|image_3|> but 2 images were given: there is no image 3; "
+            "number the tags <|image_1|>..<|image_2|> once each, in order",
         ),
         (
             "hello",

@@ -124,7 +124,8 @@ def test_chat_keeps_images_across_turns(tiny_model):
     assert t2.image_tokens == t1.image_tokens, "turn 2 still sees turn 1's image"
     assert t2.prompt_tokens > t1.prompt_tokens
     t3 = chat.send("Compare with this one.", images=[second])
-    assert t3.image_tokens == image_token_count(600, 400, 4) + image_token_count(400, 600, 4)
+    # Each image keeps the crops it was first sent with: the first stays at 16, the newcomer gets 4.
+    assert t3.image_tokens == image_token_count(600, 400, 16) + image_token_count(400, 600, 4)
     prompt = tiny_model.prepare(messages=[*chat.messages[:-2], chat.messages[-2]]).prompt
     assert prompt.count("<|image_1|>") == 1 and prompt.count("<|image_2|>") == 1
     assert prompt.index("<|image_1|>") < prompt.index("And its colour?") < prompt.index("<|image_2|>")
@@ -150,9 +151,9 @@ def test_our_preprocessing_matches_onnxruntime_genai_processor(tiny_model):
     bicubic. On a smooth photo-like image the two agree to a small mean difference, checked separately.
     """
     img = make_image(600, 400, 0)
-    prompt = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
-    ours = tiny_model.prepare(prompt, [img], options=tiny_model.options.updated(num_crops=16)).inputs
-    theirs = _og.processor_inputs(tiny_model._model, prompt, [_og.png_bytes(img)])
+    prepared = tiny_model.prepare("What is shown?", [img], options=tiny_model.options.updated(num_crops=16))
+    ours = prepared.inputs
+    theirs = _og.processor_inputs(tiny_model._model, prepared.prompt, [_og.png_bytes(img)])
     np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
     np.testing.assert_array_equal(ours["image_sizes"], theirs["image_sizes"])
     np.testing.assert_array_equal(ours["num_image_tokens"], theirs["num_image_tokens"])
@@ -164,8 +165,10 @@ def test_our_preprocessing_matches_onnxruntime_genai_processor(tiny_model):
 
 def test_og_processor_fallback_generates(tiny_model_dir, example_image):
     model = phi_onnx.load(tiny_model_dir, device="cpu", preprocessor="onnxruntime-genai")
-    result = model.generate("What is this?", images=[example_image], num_crops=4, max_new_tokens=3)
+    result = model.generate("What is this?", images=[example_image], max_new_tokens=3)
     assert result.image_tokens == EXPECTED_600x400[16], "og's processor always cuts 16 crops"
+    with pytest.raises(OptionsError, match="always cuts 16 crops"):  # never ignored silently
+        model.generate("What is this?", images=[example_image], num_crops=4, max_new_tokens=3)
 
 
 def test_image_inputs_of_every_kind(tiny_model, example_image):
@@ -332,7 +335,7 @@ def test_chat_history_images_are_preprocessed_once(tiny_model, monkeypatch):
     assert calls == [(1, 16)], "turn 2 reuses turn 1's HD transform"
     assert second.image_tokens == first.image_tokens
     chat.send("And this?", images=[make_image(300, 500, 6)])
-    assert calls[1:] == [(1, 4), (1, 4)], "a new crop count means a new transform for both images"
+    assert calls[1:] == [(1, 4)], "only the new image is transformed; the first keeps its 16 crops"
 
 
 def test_stream_checks_inputs_before_returning(tiny_model):
