@@ -7,6 +7,8 @@ TORCH ?= torch==2.13.0
 # The runtime flavour: CUDA where an NVIDIA driver answers, else CPU.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PROMPT ?= Describe this image.
+# The model `make demo` runs: empty for the official one (fetched once), or a local model folder.
+MODEL ?=
 
 .PHONY: demo test lint format bench clean
 
@@ -24,7 +26,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 demo: $(VENV)/.runtime  ## fetch the default model once, then answer about the bundled example image
-	$(BIN)/phi-onnx run -i phi_onnx/assets/example.jpg "$(PROMPT)"
+	$(BIN)/phi-onnx run $(MODEL) -i phi_onnx/assets/example.jpg "$(PROMPT)"
 
 test: $(VENV)/.dev  ## the whole suite on CPU (builds a tiny random-weight model first)
 	$(BIN)/python -m pytest -q

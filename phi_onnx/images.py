@@ -294,7 +294,8 @@ def _from_array(array: np.ndarray, label: str) -> Image.Image:
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
             raise ImageError(
-                f"{label} is a float array with NaN, infinite or values outside [0, 1]: scale it to [0, 1] or pass uint8"
+                f"{label} is a float array with NaN, infinite or values outside [0, 1]: scale it to [0, 1] or pass "
+                "uint8"
             )
         array = np.rint(array.astype(np.float64) * 255).astype(np.uint8)
     elif array.dtype != np.uint8:

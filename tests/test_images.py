@@ -278,7 +278,9 @@ def test_decompression_bomb_headers_are_refused_before_decoding(tmp_path):
         ImageError, match=r"100,000,000 pixels, over the limit of 64,000,000.*downscale it first"
     ):  # Pillow's warning, as an error
         load_image(png_header(10_000, 10_000))
-    with pytest.raises(ImageError, match=r"3,600,000,000 pixels, over the limit of 64,000,000.*downscale it first"):  # Pillow's own error
+    with pytest.raises(
+        ImageError, match=r"3,600,000,000 pixels, over the limit of 64,000,000.*downscale it first"
+    ):  # Pillow's own error
         load_image(png_header(60_000, 60_000))
     assert load_image(png_header(4, 4)).size == (4, 4)
 

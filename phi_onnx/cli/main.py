@@ -6,11 +6,14 @@ exit code 2; unexpected exceptions keep their traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -20,15 +23,44 @@ from phi_onnx.options import FIELDS
 EXAMPLE_IMAGE = Path(__file__).parents[1] / "assets" / "example.jpg"
 
 
+def one_line(text: str) -> str:
+    """A message on one line: line breaks inside it become spaces."""
+    return re.sub(r"\s*\n\s*", " ", str(text).strip())
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
 class _Group(click.Group):
-    """Turns phi-onnx errors into one line and exit code 2."""
+    """Turns phi-onnx errors and usage errors into one line on stderr and exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        if sys.stdout is None or sys.stdout.closed:
+            _fail("standard output is closed, so there is nowhere to write the answer: redirect it to a file instead")
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else "phi-onnx"
+            _fail(f"{err.format_message()} (see '{where} --help')", err.exit_code)
+        except click.ClickException as err:
+            _fail(err.format_message(), err.exit_code)
+        except click.Abort:
+            _fail("aborted", 130)
+        except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other Unix tools
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PhiOnnxError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -145,6 +177,10 @@ def run(
         raise click.UsageError('give a PROMPT, e.g. phi-onnx run -i dog.jpg "Describe this image."')
     if len(args) > 2:
         raise click.UsageError(f"expected [MODEL] PROMPT, got {len(args)} arguments: quote the prompt")
+    if len(args) == 1 and _looks_like_model(args[0]):
+        raise click.UsageError(
+            f"the prompt is missing ('{args[0]}' is a model): phi-onnx run {args[0]} -i IMAGE \"Your question.\""
+        )
     model, prompt = (args[0], args[1]) if len(args) == 2 else (model_opt, args[0])
     if len(args) == 2 and model_opt:
         raise click.UsageError("give the model either as an argument or with --model, not both")
@@ -154,17 +190,9 @@ def run(
             raise click.UsageError("the prompt read from standard input is empty")
     lm = _load(model, kw)
     opts = _options(kw)
-    if system:
-        content = [
-            *({"type": "image_url", "image_url": {"url": str(i)}} for i in images),
-            {"type": "text", "text": prompt},
-        ]
-        request = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": content}]}
-    else:
-        request = {"prompt": prompt, "images": list(images)}
     from phi_onnx.generation import collect
 
-    chunks = lm.stream(**request, **opts)
+    chunks = lm.stream(prompt, list(images), system=system, **opts)
     if as_json:
         result = collect(chunks)
         data = result.to_dict()
@@ -178,6 +206,14 @@ def run(
     click.echo(_stats(result), err=True)
 
 
+def _looks_like_model(arg: str) -> bool:
+    """A lone argument that is a model folder or a Hub repo id, not a prompt."""
+    from phi_onnx.hub import is_repo_id
+
+    path = Path(arg).expanduser()
+    return (path.is_dir() and (path / "genai_config.json").is_file()) or (" " not in arg and is_repo_id(arg))
+
+
 def _echo(chunks):
     for chunk in chunks:
         click.echo(chunk.text, nl=False)
@@ -185,7 +221,10 @@ def _echo(chunks):
         yield chunk
 
 
-CHAT_HELP = """commands: /image PATH (attach to the next message), /reset (forget the conversation), /exit"""
+CHAT_HELP = (
+    "commands: /image PATH (attach to the next message), /reset (forget the conversation), /exit; "
+    "start a message with // to send a leading /"
+)
 
 
 @main.command()
@@ -230,21 +269,24 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
         line = line.strip()
         if not line:
             continue
-        if line in ("/exit", "/quit"):
+        command, _, rest = line.partition(" ")
+        if line.startswith("//"):
+            line = line[1:]  # an escaped leading slash: send the message as written, minus one slash
+        elif command in ("/exit", "/quit") and not rest.strip():
             break
-        if line == "/reset":
+        elif command == "/reset" and not rest.strip():
             conversation.reset()
             click.echo("(conversation cleared)", err=True)
             continue
-        if line.startswith("/image"):
-            path = line[len("/image") :].strip()
+        elif command == "/image":
+            path = rest.strip()
             if not path:
                 click.echo("usage: /image PATH", err=True)
                 continue
             try:
                 n = conversation.add_image(path)
             except PhiOnnxError as err:
-                click.echo(f"error: {err}", err=True)
+                click.echo(f"error: {one_line(str(err))}", err=True)
                 continue
             total = conversation.image_count
             click.echo(
@@ -253,15 +295,15 @@ def chat(model: str | None, system: str | None, images: tuple[str, ...], **kw: A
                 err=True,
             )
             continue
-        if line.startswith("/"):
-            click.echo(f"unknown command {line.split()[0]}; {CHAT_HELP}", err=True)
+        elif line.startswith("/"):
+            click.echo(f"unknown command {command}; {CHAT_HELP}", err=True)
             continue
         from phi_onnx.generation import collect
 
         try:
             result = collect(_echo(conversation.stream(line)))
         except PhiOnnxError as err:
-            click.echo(f"\nerror: {err}", err=True)
+            click.echo(f"\nerror: {one_line(str(err))}", err=True)
             continue
         except KeyboardInterrupt:  # stops this answer; the turn is not kept, the chat goes on
             click.echo("\n(stopped; this turn is not kept)", err=True)

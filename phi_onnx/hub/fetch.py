@@ -35,8 +35,8 @@ LEGACY_REPOS = {
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _METADATA_TIMEOUT_S = 10.0
 _NEXT_STEPS = (
-    "connect and run `phi-onnx fetch`, build a local model with `phi-onnx export tiny --output DIR`, "
-    "or pass a local model folder"
+    "connect to the network and try again, or pass a local model folder (a random-weight test model: "
+    "pip install 'phi-onnx[export]', then phi-onnx export tiny --output DIR)"
 )
 
 
@@ -185,6 +185,11 @@ def _hub_error(err: BaseException, repo: str, revision: str | None) -> BaseExcep
         return FetchError(f"revision '{revision}' does not exist in {repo}: check --revision")
     if isinstance(err, errors.RemoteEntryNotFoundError):
         return FetchError(f"{repo}: {_one_line(err)}: the repo changed while fetching, run `phi-onnx fetch` again")
+    if isinstance(err, json.JSONDecodeError):
+        return FetchError(
+            f"{_endpoint()} answered with something that is not the Hub's JSON API ({_one_line(err, 80)}): check "
+            "HF_ENDPOINT, or a proxy or captive portal between you and the Hub"
+        )
     if isinstance(err, errors.HfHubHTTPError):
         status = err.response.status_code
         if status in (401, 403):
