@@ -241,7 +241,8 @@ def _opened(src: ImageInput, label: str) -> Iterator[Image.Image]:
     except PermissionError as err:
         raise ImageError(f"{label} cannot be read (permission denied): check the file's permissions") from err
     except _DECODE_ERRORS as err:
-        raise ImageError(f"{label} could not be opened ({err}): check that the file is a valid image") from err
+        reason = getattr(err, "strerror", None) or shorten(str(err))
+        raise ImageError(f"{label} could not be opened ({reason}): check that the file is a valid image") from err
     with img:
         yield img
 
@@ -254,7 +255,8 @@ def _check_path(path: str | bytes, label: str) -> str | bytes:
     except PermissionError as err:
         raise ImageError(f"{label} cannot be read (permission denied): check the file's permissions") from err
     except (OSError, ValueError) as err:  # ValueError: a path with a NUL byte
-        raise ImageError(f"{label} cannot be read ({err}): check the path") from err
+        reason = getattr(err, "strerror", None) or shorten(str(err))
+        raise ImageError(f"{label} cannot be read ({reason}): check the path") from err
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"{label} is a folder: pass an image file, or use load_frames for a folder of frames")
     if not stat.S_ISREG(info.st_mode):

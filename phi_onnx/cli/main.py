@@ -38,7 +38,9 @@ class _Group(click.Group):
     """Turns phi-onnx errors and usage errors into one line on stderr and exit code 2."""
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
-        if sys.stdout is None or sys.stdout.closed:
+        try:
+            os.fstat(sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # `>&-`: no stdout object, or one on a closed descriptor
             _fail("standard output is closed, so there is nowhere to write the answer: redirect it to a file instead")
         extra.pop("standalone_mode", None)
         try:
