@@ -1,4 +1,4 @@
-"""Random-weight benchmark models, built once and cached by content hash under ``.cache/bench-models``.
+"""Random-weight benchmark models, built once and cached by content hash in the user cache (see :func:`cache_dir`).
 
 The checkpoint depends only on the code that writes it; each built folder also depends on the build code and the
 package versions, so changing ``export/build.py`` (e.g. a new optimisation) rebuilds the folders and reuses the
@@ -14,8 +14,19 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("PHI_ONNX_BENCH_CACHE", ROOT / ".cache" / "bench-models"))
+
+def cache_dir() -> Path:
+    """Where benchmark models are kept: ``$PHI_ONNX_CACHE/bench-models``, else the user cache directory
+    (``$XDG_CACHE_HOME/phi-onnx/bench-models``, by default ``~/.cache/phi-onnx/bench-models``), never site-packages.
+    ``PHI_ONNX_BENCH_CACHE`` names the folder itself."""
+    if os.environ.get("PHI_ONNX_BENCH_CACHE"):
+        return Path(os.environ["PHI_ONNX_BENCH_CACHE"]).expanduser()
+    if os.environ.get("PHI_ONNX_CACHE"):
+        return Path(os.environ["PHI_ONNX_CACHE"]).expanduser() / "bench-models"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "phi-onnx" / "bench-models"
+
+
 _CHECKPOINT_SOURCES = ("config.py", "modeling.py", "checkpoint.py", "tiny.py")
 
 
@@ -43,13 +54,13 @@ def _versions() -> list[str]:
     return [onnxruntime_genai.__version__, onnxruntime.__version__, torch.__version__, transformers.__version__]
 
 
-def cached_checkpoint(size: str, seed: int = 0, cache: Path = CACHE) -> Path:
+def cached_checkpoint(size: str, seed: int = 0, cache: Path | None = None) -> Path:
     """A random-weight checkpoint of ``size`` ("tiny", "bench", "full"), written once per content hash."""
     from phi_onnx_export.tiny import write_random_checkpoint
 
     src = _export_dir()
     key = _digest((src / name for name in _CHECKPOINT_SOURCES), [size, str(seed), *_versions()[2:]])
-    folder = cache / f"{size}-s{seed}-{key}" / "checkpoint"
+    folder = (cache or cache_dir()) / f"{size}-s{seed}-{key}" / "checkpoint"
     if not (folder / "config.json").is_file():
         _log(f"writing the random {size} checkpoint to {folder}")
         staging = folder.with_name("checkpoint.partial")

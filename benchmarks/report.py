@@ -64,7 +64,13 @@ def markdown(result: dict[str, Any]) -> str:
                   for r in result["num_crops_ratios"]]  # fmt: skip
     if result["targets"]:
         lines += ["", "Targets:"]
-        lines += [f"- [{'x' if t['met'] else ' '}] {t['target']}: measured {_x(t['value'])}" for t in result["targets"]]
+        if not result.get("trustworthy", True):
+            lines.append(
+                f"- NOT JUDGED: other processes used up to {result.get('background_cpu_max', 0):.0%} of the CPU during "
+                "the run (over 10 %), so these figures are not trustworthy; rerun on a quiet machine"
+            )
+        marks = {True: "x", False: " ", None: "?"}
+        lines += [f"- [{marks[t['met']]}] {t['target']}: measured {_x(t['value'])}" for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
 

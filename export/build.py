@@ -71,6 +71,16 @@ class BuildPlan:
         return "float32" if self.device == "cpu" or self.precision == "fp32" else "float16"
 
 
+def check_options(precision: str, device: str) -> None:
+    """Validate precision and device (no file needed)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise ExportError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if precision == "fp16" and device == "cpu":
+        raise ExportError("precision fp16 does not run on the CPU: use --precision fp32 or int4 with --device cpu")
+
+
 def check_plan(
     checkpoint: str | Path,
     output: str | Path,
@@ -83,12 +93,7 @@ def check_plan(
     from phi_onnx_export.checkpoint import check_checkpoint_dir
     from phi_onnx_export.config import Phi3VConfig
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if device not in DEVICES:
-        raise ExportError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-    if precision == "fp16" and device == "cpu":
-        raise ExportError("precision fp16 does not run on the CPU: use --precision fp32 or int4 with --device cpu")
+    check_options(precision, device)
     checkpoint, output = Path(checkpoint), Path(output)
     check_checkpoint_dir(checkpoint)
     Phi3VConfig.from_file(checkpoint / "config.json")
@@ -136,6 +141,7 @@ def build(
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.output.name}.build-", dir=plan.output.parent))
     try:
         _build_into(plan, staging, log)
+        _apply_umask(staging)
         if plan.output.exists():
             shutil.rmtree(plan.output)
         os.replace(staging, plan.output)
@@ -144,6 +150,45 @@ def build(
             shutil.rmtree(staging, ignore_errors=True)
     log(f"done: {plan.output}")
     return plan.output
+
+
+def verbose() -> bool:
+    """Whether the tools the build runs (the model builder, the quantizer) may print their progress and INFO lines.
+
+    Off by default; ``phi-onnx export -v`` (and ``phi-onnx bench -v``) set ``PHI_ONNX_VERBOSE=1``, which worker
+    processes inherit.
+    """
+    return os.environ.get("PHI_ONNX_VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def tool_output():
+    """Send a third-party tool's prints, progress bars and logging to stderr when verbose, else nowhere."""
+    if verbose():
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    import logging
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the built tree the permissions a normal file creation would (mkdtemp makes 0700, some writers 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _stderr(msg: str) -> None:
@@ -167,13 +212,19 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
         export_embedding(model, out / names["embedding"], plan.io_dtype)
         log(f"building the {plan.precision} decoder with onnxruntime_genai.models.builder")
         text_dir = work / "hf-text"
-        model.lm.save_pretrained(text_dir, safe_serialization=True)
+        with tool_output():
+            model.lm.save_pretrained(text_dir, safe_serialization=True)
         del model
         for f in plan.checkpoint.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
                 shutil.copy2(f, text_dir / f.name)
                 shutil.copy2(f, out / f.name)
         build_decoder(text_dir, out, names["text"], plan, work / "cache")
+        # The builder re-saves the tokenizer files and loses chat_template, add_bos_token and added_tokens_decoder:
+        # the folder carries the checkpoint's own files, as Microsoft's published folders do.
+        for f in plan.checkpoint.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
+                shutil.copy2(f, out / f.name)
         if plan.int8_prefill:
             from phi_onnx_export.cpu_int4 import dual_path_decoder, quantize_vision_int8
 
@@ -294,7 +345,7 @@ def build_decoder(text_dir: Path, out: Path, filename: str, plan: BuildPlan, cac
         if plan.device == "cpu":
             extra.append("int4_accuracy_level=4")
     builder_precision = plan.precision
-    with contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
+    with tool_output(), _quiet_warnings():
         opts = parse_extra_options(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), extra)
         create_model(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), **opts)
 

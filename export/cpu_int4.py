@@ -6,8 +6,6 @@ integer GEMM kernels (AMX/VNNI). These passes trade memory for time to first tok
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 from phi_onnx.errors import ExportError
@@ -98,8 +96,10 @@ def quantize_vision_int8(path: Path, work: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from phi_onnx_export.build import tool_output
+
     staged = work / "vision-int8.onnx"
-    with contextlib.redirect_stdout(sys.stderr), _quiet_warnings(), _quiet_logging():
+    with tool_output(), _quiet_warnings():
         quantize_dynamic(str(path), str(staged), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)  # fmt: skip
     _save_external(onnx.load(str(staged)), path)
@@ -116,16 +116,3 @@ def _save_external(model, path: Path) -> None:
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data.name, size_threshold=1024,
                                    convert_attribute=True)  # fmt: skip
     onnx.save(model, str(path))
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

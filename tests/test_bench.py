@@ -114,3 +114,32 @@ def test_summarize_median_and_tails():
                                                     "n": 5}  # fmt: skip
     assert summarize([2.0, 4.0])["median"] == 3.0
     assert summarize([])["median"] is None
+
+
+def test_bench_models_live_in_the_user_cache(monkeypatch, tmp_path):
+    from phi_onnx_bench.models import cache_dir
+
+    for name in ("PHI_ONNX_BENCH_CACHE", "PHI_ONNX_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "phi-onnx" / "bench-models"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "phi-onnx" / "bench-models"
+    monkeypatch.setenv("PHI_ONNX_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "bench-models"
+
+
+def test_targets_are_not_judged_on_a_busy_machine():
+    from phi_onnx_bench.runner import targets
+
+    def row(kind: str, label: str, busy: float) -> dict:
+        names = ("time_to_first_token_ms", "decode_tokens_per_s", "end_to_end_ms", "vision_ms")
+        figures = {name: {"median": 100.0} for name in names}
+        return {"kind": kind, "label": label, "precision": "int4", "background_cpu": busy,
+                "runs": {"16": {"figures": figures}}}  # fmt: skip
+
+    quiet = [row("onnxruntime-genai", "ort", 0.02), row("pytorch", "pt", 0.03)]
+    busy = [row("onnxruntime-genai", "ort", 0.58), row("pytorch", "pt", 0.03)]
+    assert all(t["met"] in (True, False) for t in targets(quiet))
+    judged = targets(busy)
+    assert judged and all(t["met"] is None for t in judged)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from phi_onnx.errors import ExportError
 from phi_onnx_export.build import build, check_plan
@@ -289,6 +290,45 @@ def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
     info = [c for c in report.checks if not c.asserted]
     assert any("greedy agreement" in c.name for c in info)
     assert report.passed  # only the token counts are asserted for int4
+    assert "reported, NOT checked (pass --min-agreement to check it)" in report.render()
+    assert "all checks passed" not in report.render()
+    strict = verify(
+        out, tiny_checkpoint, new_tokens=8, cases={"1 image": ((600, 400),)}, count_shapes=((600, 400),),
+        min_agreement=1.0,
+    )  # fmt: skip
+    agreement = next(c for c in strict.checks if "greedy agreement" in c.name)
+    assert agreement.asserted and "(at least 100% required)" in agreement.detail
+    assert strict.passed == agreement.passed == agreement.detail.startswith("100%")
+
+
+def test_failed_export_tiny_leaves_nothing_behind(tmp_path):
+    from phi_onnx.cli import main
+
+    done = CliRunner().invoke(main, ["export", "tiny", "--output", str(tmp_path / "t3"), "--precision", "int8"])
+    assert done.exit_code == 2 and "unknown precision 'int8'" in done.output
+    assert list(tmp_path.iterdir()) == [], "no checkpoint folder, no model folder"
+    # fp16 on the CPU is refused the same way
+    done = CliRunner().invoke(main, ["export", "tiny", "--output", str(tmp_path / "t4"), "--precision", "fp16"])
+    assert done.exit_code == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_built_folders_respect_the_umask(tmp_path, tiny_checkpoint):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = build(tiny_checkpoint, tmp_path / "perm", log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o644}, modes
+
+
+def test_the_built_folder_carries_the_checkpoints_own_tokenizer_files(tmp_path, tiny_checkpoint, tiny_model_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_model_dir / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
 
 
 def test_fp16_cuda_build_has_a_consistent_dtype_chain_and_runs(tmp_path, tiny_checkpoint, tiny_model, example_image):
@@ -328,3 +368,20 @@ def test_same_checkpoint_builds_to_the_same_bytes(tmp_path, tiny_checkpoint):
     assert names == sorted(p.name for p in b.iterdir())
     differ = [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()]
     assert differ == [], f"non-deterministic build output: {differ}"
+
+
+def test_export_is_quiet_by_default_and_verbose_with_v(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*flags: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "phi_onnx", "export", *flags, "tiny", "--output", str(tmp_path / f"m{len(flags)}")],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stderr.splitlines()
+
+    quiet = run()
+    assert quiet and all(line.startswith("[export] ") for line in quiet), quiet
+    assert any(not line.startswith("[export] ") for line in run("-v")), "-v shows the builder's own output"

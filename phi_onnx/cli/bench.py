@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -102,10 +103,11 @@ def _check(value: int | None, name: str, low: int, high: int) -> None:
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write every figure here.")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Write a PNG chart here (needs matplotlib: pip install 'phi-onnx[bench]').")  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="Show the model builder's and quantizer's own output.")
 def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
           against: str | None, compile_: bool, images: tuple[Path, ...], prompt: str, new_tokens: int, warmup: int,
           repeat: int, num_crops: tuple[int, ...], threads: int | None, json_file: Path | None,
-          plot_file: Path | None) -> None:  # fmt: skip
+          plot_file: Path | None, verbose: bool) -> None:  # fmt: skip
     """Time onnxruntime-genai against the PyTorch reference: same weights, images, prompt, greedy decoding and number
     of new tokens; each path in its own process, warm-ups, repetitions, medians and ratios.
 
@@ -120,6 +122,8 @@ def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, p
     """
     from phi_onnx_bench.spec import Workload
 
+    if verbose:
+        os.environ["PHI_ONNX_VERBOSE"] = "1"
     _check(new_tokens, "--new-tokens", 1, 4096)
     _check(warmup, "--warmup", 0, 100)
     _check(repeat, "--repeat", 1, 1000)

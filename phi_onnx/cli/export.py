@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def _export_modules(purpose: str):
 
 
 @click.group()
-def export() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show the model builder's and quantizer's own progress output.")
+def export(verbose: bool) -> None:
     """Build onnxruntime-genai model folders from Phi-3-V PyTorch checkpoints.
 
     \b
@@ -28,7 +31,10 @@ def export() -> None:
       phi-onnx export build --checkpoint ./my-finetune --output ./onnx --precision int4 --device cpu
       phi-onnx export tiny --output ./tiny
       phi-onnx export verify ./tiny --checkpoint ./tiny.checkpoint
+      phi-onnx export -v tiny --output ./tiny        # with the builder's progress bars
     """
+    if verbose:
+        os.environ["PHI_ONNX_VERBOSE"] = "1"
 
 
 @export.command()
@@ -83,35 +89,53 @@ def tiny(output: Path, size: str, seed: int, precision: str, device: str, checkp
 
     _export_modules("phi-onnx export tiny")
     from phi_onnx_export.build import build as do_build
-    from phi_onnx_export.build import check_plan
+    from phi_onnx_export.build import check_options, check_plan
     from phi_onnx_export.tiny import write_random_checkpoint
 
     checkpoint = checkpoint or output.with_name(output.name + ".checkpoint")
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ExportError(f"checkpoint {checkpoint} exists and is not a folder: choose another --checkpoint")
     if checkpoint.exists() and any(checkpoint.iterdir()) and not force:
         raise ExportError(f"checkpoint folder {checkpoint} is not empty: choose another --output or pass --force")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} exists and is not a folder: choose another --output")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise ExportError(f"output folder {output} is not empty: choose another --output or pass --force to replace it")
-    click.echo(f"[export] writing a random {size} checkpoint (seed {seed}) to {checkpoint}", err=True)
-    write_random_checkpoint(checkpoint, size=size, seed=seed)
-    check_plan(checkpoint, output, precision, device, force)
-    click.echo(str(do_build(checkpoint, output, precision, device, force=force)))
+    check_options(precision, device)  # before anything is written
+    created = not checkpoint.exists()
+    try:
+        click.echo(f"[export] writing a random {size} checkpoint (seed {seed}) to {checkpoint}", err=True)
+        write_random_checkpoint(checkpoint, size=size, seed=seed)
+        check_plan(checkpoint, output, precision, device, force)
+        click.echo(str(do_build(checkpoint, output, precision, device, force=force)))
+    except BaseException:
+        if created:  # a failed command leaves nothing behind
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        raise
 
 
 @export.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint it was built from.")
 @click.option("--new-tokens", type=click.IntRange(1, 1024), default=32, show_default=True)
-def verify(model_dir: Path, checkpoint: Path, new_tokens: int) -> None:
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="For fp16/int4 builds: fail unless this fraction of greedy tokens agrees (otherwise only reported).",
+)
+def verify(model_dir: Path, checkpoint: Path, new_tokens: int, min_agreement: float | None) -> None:
     """Check a built folder against the PyTorch reference: token counts, prompt logits, greedy tokens.
 
     \b
     Examples:
       phi-onnx export verify ./tiny --checkpoint ./tiny.checkpoint
+      phi-onnx export verify ./tiny-int4 --checkpoint ./tiny-int4.checkpoint --min-agreement 0.5
     """
     _export_modules("phi-onnx export verify")
     from phi_onnx_export.verify import verify as do_verify
 
-    report = do_verify(model_dir, checkpoint, new_tokens=new_tokens)
+    report = do_verify(model_dir, checkpoint, new_tokens=new_tokens, min_agreement=min_agreement)
     click.echo(report.render())
     if not report.passed:
         sys.exit(1)

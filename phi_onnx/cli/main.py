@@ -7,6 +7,7 @@ exit code 2; unexpected exceptions keep their traceback.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -34,13 +35,28 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def _stdout_open() -> bool:
+    """False after `>&-` (no stdout object, or one on a closed descriptor); in-memory streams count as open."""
+    if sys.stdout is None:
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 class _Group(click.Group):
     """Turns phi-onnx errors and usage errors into one line on stderr and exit code 2."""
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
-        try:
-            os.fstat(sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):  # `>&-`: no stdout object, or one on a closed descriptor
+        if not _stdout_open():
             _fail("standard output is closed, so there is nowhere to write the answer: redirect it to a file instead")
         extra.pop("standalone_mode", None)
         try:
