@@ -107,7 +107,7 @@ def generate(model, encode, images: list[bytes], prompt: str, num_crops: int, ne
     text = prompt_from_text(prompt, len(frames))
     pre = preprocess_images(frames, num_crops) if frames else None
     counts = pre.num_image_tokens[:, 0].tolist() if pre is not None else []
-    ids = torch.from_numpy(splice_image_tokens(text, encode, counts).astype(np.int64))
+    ids = torch.from_numpy(splice_image_tokens(text, encode, counts, bos_id=1).astype(np.int64))  # as phi-onnx
     preprocessed = time.perf_counter()
     tokens: list[int] = []
     with torch.inference_mode():

@@ -121,7 +121,7 @@ def random_model(cfg: Phi3VConfig, seed: int = 0):
 
 
 def _pseudo_words():
-    """Endless distinct byte-level words (" ka", " kabo", ...) so random weights decode to readable gibberish."""
+    """Endless distinct words ("▁ka", "▁kabo", ...) so random weights decode to readable gibberish."""
     syllables = [c + v for c in "bdfghklmnprstvz" for v in "aeiou"]
     n = 0
     while True:
@@ -131,46 +131,88 @@ def _pseudo_words():
             i //= len(syllables)
             if i == 0:
                 break
-        yield "\u0120" + word  # byte-level BPE spells a leading space as U+0120
+        yield "\u2581" + word  # SentencePiece spells a leading space as U+2581
         n += 1
 
 
-def write_tokenizer(folder: Path, vocab_size: int = 1024) -> None:
-    """Train a byte-level BPE on a fixed corpus; pad to 32000 entries; add Phi-3's special tokens at 32000+."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+SPACE_ID = 29871  # "▁" in Phi-3's (Llama's) vocabulary: `<|user|>\n` is 32010, 29871, 13
+_RSTRIP = {"<|assistant|>", *(f"<|placeholder{k}|>" for k in range(1, 7))}  # strip whitespace to their right
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+
+def write_tokenizer(folder: Path, merges_wanted: int = 768) -> None:
+    """A Llama-style SentencePiece BPE like Phi-3's, trained here on a fixed corpus.
+
+    As the real tokenizer: "▁" is prepended to each text chunk (also right after a special token) and spaces become
+    "▁"; characters outside the vocabulary fall back to byte tokens ``<0x00>``..``<0xFF>`` (ids 3..258, so ``\\n`` is
+    13); "▁" is id 29871; the special tokens keep Phi-3's ids (0..2, 32000..32010), ``<|assistant|>`` and the
+    placeholders strip whitespace to their right; ``add_bos_token`` is true.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    # Like SentencePiece's own splitting (by whitespace, script and digit), no merge crosses a word, a punctuation mark
+    # or a digit boundary; onnxruntime-extensions' Llama tokenizer splits the same way.
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\u2581", behavior="merged_with_next"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
+    trainer = trainers.BpeTrainer(vocab_size=merges_wanted, show_progress=False, special_tokens=[])
+    trainer_tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    alphabet = sorted((t for t in trained["vocab"] if len(t) == 1), key=lambda t: (t != "\u2581", t))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    # Ids in merge order, as in Llama's vocabulary: onnxruntime-extensions ranks merges by the merged token's id.
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for token in merged:
+        vocab[token] = len(vocab)
     words = _pseudo_words()
-    for i in range(len(vocab), BASE_VOCAB):
+    while len(vocab) < SPACE_ID:
         word = next(words)
-        while word in vocab:
-            word = next(words)
-        vocab[word] = i  # filler no merge reaches, so the special tokens get Phi-3's ids; decodes as " kabo"
-    tok = Tokenizer.from_str(json.dumps(spec))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        if word not in vocab:
+            vocab[word] = len(vocab)  # filler no merge reaches, so "▁" and the specials get Phi-3's ids
+    for token in alphabet:  # single characters from "▁" (29871) on, as in Llama's vocabulary
+        vocab[token] = len(vocab)
+    while len(vocab) < BASE_VOCAB:
+        word = next(words)
+        if word not in vocab:
+            vocab[word] = len(vocab)
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )  # fmt: skip
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in _RSTRIP) for t in SPECIAL_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )  # add_bos_token, as in Phi-3's tokenizer.json
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
+    added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
     config = {
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<unk>",
         "pad_token": "<|endoftext|>",
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
+        "legacy": True,
         "model_max_length": 131072,
         "clean_up_tokenization_spaces": False,
+        "use_default_system_prompt": False,
+        "added_tokens_decoder": {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for t in added
+        },
         "chat_template": CHAT_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -161,6 +161,13 @@ class Tokenizer:
                 "tokenizer.json and tokenizer_config.json"
             ) from err
 
+    def bos_id(self) -> int:
+        """The BOS id (``<s>``, 1 in Phi-3's vocabulary)."""
+        try:
+            return int(self._tok.bos_token_id)
+        except (AttributeError, TypeError, ValueError):
+            return 1
+
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tok.encode(text)] if text else []
 

@@ -25,6 +25,7 @@ from phi_onnx.preprocess import Preprocessed, image_token_count, preprocess_imag
 from phi_onnx.prompt import IMAGE_TAG, PHI3_SPECIAL_TOKENS, build_prompt, prompt_from_text, splice_image_tokens
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
+TOKEN_IDS = ("microsoft", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
 DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
 CROPS = "phi_onnx.num_crops"  # set in PIL ``info`` by Chat: the crops an image keeps for the whole conversation
@@ -53,6 +54,7 @@ def load(
     max_frames: int = DEFAULT_MAX_FRAMES,
     variant: str = "auto",
     revision: str | None = None,
+    token_ids: str = "microsoft",
 ) -> PhiVision:
     """Load a Phi-3-vision / Phi-3.5-vision ONNX model.
 
@@ -66,6 +68,8 @@ def load(
         max_frames: Most frames taken from an animated image or a folder of frames (sampled evenly).
         variant: For a Hub repo: "auto", "cpu-int4", "gpu-int4" or a folder in the repo.
         revision: For a Hub repo: a branch, tag or commit.
+        token_ids: "microsoft" (default): the ids Microsoft's Phi3VProcessor gives, with ``<s>`` at the start and after
+            every image, as the model was tuned and evaluated; "onnxruntime-genai": og's processor's ids (no BOS).
 
     Returns:
         A :class:`PhiVision` ready to generate.
@@ -82,7 +86,13 @@ def load(
     else:
         folder = Path(model).expanduser()
     return PhiVision(
-        folder, provider, threads=threads, options=options, preprocessor=preprocessor, max_frames=max_frames
+        folder,
+        provider,
+        threads=threads,
+        options=options,
+        preprocessor=preprocessor,
+        max_frames=max_frames,
+        token_ids=token_ids,
     )
 
 
@@ -98,7 +108,10 @@ class PhiVision:
         options: GenerationOptions | Mapping[str, Any] | None = None,
         preprocessor: str = "auto",
         max_frames: int = DEFAULT_MAX_FRAMES,
+        token_ids: str = "microsoft",
     ) -> None:
+        if token_ids not in TOKEN_IDS:
+            raise OptionsError(f"unknown token_ids {token_ids!r}: choose one of {', '.join(TOKEN_IDS)}")
         if preprocessor not in PREPROCESSORS:
             raise OptionsError(f"unknown preprocessor '{preprocessor}': choose one of {', '.join(PREPROCESSORS)}")
         if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
@@ -116,6 +129,8 @@ class PhiVision:
         self._pixel_dtype = _pixel_dtype(self.info)
         self._tokenizer = _og.Tokenizer(self._model, self.folder)
         self.reserved_tokens: tuple[str, ...] = _added_tokens(self.folder)
+        self.token_ids = token_ids
+        self._bos = self._tokenizer.bos_id() if token_ids == "microsoft" else None
         self.vocab_size = int(self.info.config["model"].get("vocab_size") or 0) or None
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
         self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
@@ -227,7 +242,9 @@ class PhiVision:
             num_crops = 16
         elif frames:
             pre = self._preprocess(frames, crops)
-            ids = splice_image_tokens(text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist())
+            ids = splice_image_tokens(
+                text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist(), bos_id=self._bos
+            )
             inputs = {
                 "input_ids": ids,
                 "pixel_values": pre.pixel_values.astype(self._pixel_dtype, copy=False),
@@ -235,7 +252,7 @@ class PhiVision:
                 "num_image_tokens": pre.num_image_tokens,
             }
         else:
-            inputs = {"input_ids": splice_image_tokens(text, self._tokenizer.encode, [])}
+            inputs = {"input_ids": splice_image_tokens(text, self._tokenizer.encode, [], bos_id=self._bos)}
         ids = inputs["input_ids"]
         image_tokens = int((ids < 0).sum())
         opts.max_length(ids.shape[1], self.context_length)  # raises ContextLengthError with the numbers

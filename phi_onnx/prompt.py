@@ -251,17 +251,20 @@ def _reserved_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def splice_image_tokens(
-    prompt: str, encode: Callable[[str], Sequence[int]], num_image_tokens: Sequence[int]
+    prompt: str, encode: Callable[[str], Sequence[int]], num_image_tokens: Sequence[int], *, bos_id: int | None = None
 ) -> np.ndarray:
-    """Tokenize a prompt the way onnxruntime-genai's PhiImageProcessor does, with image slots spliced in.
+    """Tokenize a prompt with image slots spliced in, the way Microsoft's ``Phi3VProcessor`` (or og's) does.
 
-    The prompt is split on the image tags; each non-empty text chunk is encoded on its own (no BOS added here), and
-    the tag ``<|image_k|>`` becomes ``num_image_tokens[k - 1]`` copies of ``-k``.
+    The prompt is split on the image tags and each text chunk is encoded on its own; the tag ``<|image_k|>`` becomes
+    ``num_image_tokens[k - 1]`` copies of ``-k``. With ``bos_id`` (Microsoft's processor, whose tokenizer has
+    ``add_bos_token``), every chunk, even an empty one, starts with BOS: ``<s>`` opens the prompt and follows every
+    image. Without it (onnxruntime-genai's processor), no BOS is added and empty chunks add nothing.
 
     Args:
         prompt: The formatted prompt; its tags are checked with :func:`check_image_tags`.
-        encode: The tokenizer's encode function, text to token ids.
+        encode: The tokenizer's encode function, text to token ids (adding no BOS itself).
         num_image_tokens: The image tokens of each image, in image order.
+        bos_id: The BOS id to start each chunk with, or None.
 
     Returns:
         int32 input ids of shape [1, S].
@@ -279,7 +282,10 @@ def splice_image_tokens(
         if i % 2:
             k = int(part)
             ids.append(np.full(counts[k - 1], -k, dtype=np.int32))
-        elif part:
+            continue
+        if bos_id is not None:
+            ids.append(np.array([bos_id], dtype=np.int32))
+        if part:
             ids.append(np.asarray(encode(part), dtype=np.int64).astype(np.int32).reshape(-1))
     if not ids:
         return np.zeros((1, 0), dtype=np.int32)

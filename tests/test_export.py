@@ -385,3 +385,44 @@ def test_export_is_quiet_by_default_and_verbose_with_v(tmp_path):
     quiet = run()
     assert quiet and all(line.startswith("[export] ") for line in quiet), quiet
     assert any(not line.startswith("[export] ") for line in run("-v")), "-v shows the builder's own output"
+
+
+def test_the_tiny_tokenizer_behaves_like_phi3s(tiny_model, tiny_model_dir):
+    """SentencePiece-like, as the real Phi-3 tokenizer: "▁" before each chunk (also after a special token), byte
+    fallback, <|assistant|> strips whitespace to its right, add_bos_token (added by the processor, not by encode)."""
+    encode = tiny_model._tokenizer.encode
+    assert encode("<|user|>\n") == [32010, 29871, 13]
+    assert encode("\n") == [29871, 13]
+    assert encode("<|assistant|>\n") == [32001]
+    assert encode("<|end|>\n<|assistant|>\n") == [32007, 29871, 13, 32001]
+    assert encode("€") == [29871, 3 + 0xE2, 3 + 0x82, 3 + 0xAC], "byte fallback, <0xE2><0x82><0xAC>"
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["chat_template"] and config["added_tokens_decoder"]
+
+
+def test_transformers_and_onnxruntime_genai_tokenize_the_tiny_tokenizer_alike(tiny_model, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from phi_onnx_export.tiny import _CORPUS
+
+    hf = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    texts = [*_CORPUS.splitlines(), "What is shown? ünï € 日本 42", "<|user|>\nHi<|end|>\n<|assistant|>\n", "a, b; c."]
+    for text in texts:
+        assert hf(text)["input_ids"] == [1, *tiny_model._tokenizer.encode(text)], text
+
+
+def test_prompt_ids_follow_microsofts_processor_bos_convention(tiny_model_dir, example_image):
+    import phi_onnx
+
+    ms = phi_onnx.load(tiny_model_dir, device="cpu")
+    og_ids = phi_onnx.load(tiny_model_dir, device="cpu", token_ids="onnxruntime-genai")
+    one_crop = ms.options.updated(num_crops=1)
+    for images, bos in (([], 1), ([example_image], 2), ([example_image] * 3, 4)):
+        ids = ms.prepare("What is it?", images, options=one_crop).inputs["input_ids"][0]
+        assert ids[0] == 1 and int((ids == 1).sum()) == bos, (len(images), ids[:8])
+        for k in range(1, len(images) + 1):  # <s> right after every image
+            assert ids[np.flatnonzero(ids == -k)[-1] + 1] == 1
+        plain = og_ids.prepare("What is it?", images, options=one_crop).inputs["input_ids"][0]
+        assert 1 not in plain.tolist() and len(ids) == len(plain) + bos
+    with pytest.raises(phi_onnx.OptionsError, match="unknown token_ids"):
+        phi_onnx.load(tiny_model_dir, device="cpu", token_ids="hf")

@@ -71,9 +71,9 @@ def test_the_exploit_from_the_issue_is_refused_and_the_chat_is_untouched(tiny_mo
 
 
 def test_ordinary_text_with_angle_brackets_and_pipes_still_works(tiny_model):
-    prepared = tiny_model.prepare("a <| b |> c <end> | x <image_1> <|image|>")
-    assert (prepared.inputs["input_ids"] >= 0).all()
-    assert not (set(prepared.inputs["input_ids"][0].tolist()) & {0, 1, 2, *range(32000, 32011)} - {32010, 32001, 32007})
+    ids = tiny_model.prepare("a <| b |> c <end> | x <image_1> <|image|>").inputs["input_ids"][0].tolist()
+    special = [i for i in ids if i in {0, 1, 2, *range(32000, 32011)}]
+    assert special == [1, 32010, 32007, 32001], "only the chat format's own: <s>, <|user|>, <|end|>, <|assistant|>"
 
 
 @pytest.mark.parametrize(

@@ -151,9 +151,10 @@ def test_our_preprocessing_matches_onnxruntime_genai_processor(tiny_model):
     bicubic. On a smooth photo-like image the two agree to a small mean difference, checked separately.
     """
     img = make_image(600, 400, 0)
-    prepared = tiny_model.prepare("What is shown?", [img], options=tiny_model.options.updated(num_crops=16))
+    og_ids = phi_onnx.load(tiny_model.folder, device="cpu", token_ids="onnxruntime-genai")  # og's convention: no BOS
+    prepared = og_ids.prepare("What is shown?", [img], options=og_ids.options.updated(num_crops=16))
     ours = prepared.inputs
-    theirs = _og.processor_inputs(tiny_model._model, prepared.prompt, [_og.png_bytes(img)])
+    theirs = _og.processor_inputs(og_ids._model, prepared.prompt, [_og.png_bytes(img)])
     np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
     np.testing.assert_array_equal(ours["image_sizes"], theirs["image_sizes"])
     np.testing.assert_array_equal(ours["num_image_tokens"], theirs["num_image_tokens"])
