@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx.errors import DependencyError, ModelError, ProviderError
+from phi_onnx.errors import DependencyError, ModelError, OptionsError, ProviderError
 
 PROVIDERS = ("cpu", "cuda", "dml")
 _SESSION_GRAPHS = ("decoder", "vision", "embedding")
@@ -183,13 +183,38 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=np.dtype(value.dtype.name))
 
 
-@contextlib.contextmanager
-def _generator(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]):
-    """A generator with the prompt inputs set; released on exit (also when a caller abandons its loop)."""
+_GUIDANCE_NAMES = {"json_schema": "json_schema", "regex": "regex", "lark_grammar": "grammar"}
+
+
+def _new_generator(model, search: Mapping[str, Any], guidance: tuple[str, str] | None):
     mod = og()
     params = mod.GeneratorParams(model)
     params.set_search_options(**search)
-    generator = mod.Generator(model, params)
+    if guidance is None:
+        return mod.Generator(model, params), params
+    kind, data = guidance
+    try:
+        params.set_guidance(kind, data)
+        return mod.Generator(model, params), params  # the grammar is compiled here
+    except RuntimeError as err:
+        reason = first_line(err).removeprefix("Error creating grammar: ")
+        raise OptionsError(f"{_GUIDANCE_NAMES.get(kind, kind)} is not usable: {reason}") from err
+
+
+def check_guidance(model, guidance: tuple[str, str]) -> None:
+    """Compile a json_schema / regex / Lark grammar on a throwaway generator, so a bad one is an OptionsError
+    before any image is processed; llguidance says what is wrong."""
+    generator, params = _new_generator(model, {"max_length": 8}, guidance)
+    del generator, params
+
+
+@contextlib.contextmanager
+def _generator(
+    model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any], guidance: tuple[str, str] | None = None
+):
+    """A generator with the prompt inputs set; released on exit (also when a caller abandons its loop)."""
+    mod = og()
+    generator, params = _new_generator(model, search, guidance)
     try:
         named = mod.NamedTensors()
         for key, value in inputs.items():
@@ -203,13 +228,16 @@ def _generator(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any
         del params
 
 
-def run_tokens(model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any]) -> Iterator[int]:
+def run_tokens(
+    model, inputs: Mapping[str, np.ndarray], search: Mapping[str, Any], guidance: tuple[str, str] | None = None
+) -> Iterator[int]:
     """Run the prompt and yield each generated token id until the search stops.
 
     ``inputs`` holds ``input_ids`` (int32 [1, S], negative ids mark image slots) and, with images, ``pixel_values``,
-    ``image_sizes`` and ``num_image_tokens``. The generator is released as soon as the loop ends or is abandoned.
+    ``image_sizes`` and ``num_image_tokens``. ``guidance`` is (kind, data) for constrained decoding. The generator is
+    released as soon as the loop ends or is abandoned.
     """
-    with _generator(model, inputs, search) as generator:
+    with _generator(model, inputs, search, guidance) as generator:
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])

@@ -28,6 +28,10 @@ class ContextLengthError(PhiOnnxError, ValueError):
     """The prompt plus the tokens to generate do not fit in the model's context."""
 
 
+class OutputError(PhiOnnxError, ValueError):
+    """The generated text is not what was asked for (e.g. not JSON, or cut off before the value was complete)."""
+
+
 class ModelError(PhiOnnxError, ValueError):
     """A model folder is missing, incomplete, or not a phi3v model."""
 

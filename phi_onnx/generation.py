@@ -62,6 +62,29 @@ class Generation:
     cached_tokens: int = 0
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
+    def json(self) -> Any:
+        """The answer parsed as JSON (for generations constrained by ``json_schema``).
+
+        Raises:
+            OutputError: The text is not JSON; if generation stopped at max_new_tokens, says so and how to fix it.
+        """
+        import json
+
+        from phi_onnx.errors import OutputError
+
+        try:
+            return json.loads(self.text)
+        except ValueError as err:
+            starts_like_json = self.text.lstrip()[:1] in tuple('{["-0123456789tfn')
+            if self.finish_reason == "length" and starts_like_json:
+                raise OutputError(
+                    f"generation stopped at max_new_tokens ({self.generated_tokens}) before the JSON value was "
+                    "complete: raise max_new_tokens"
+                ) from err
+            raise OutputError(
+                f"the answer is not JSON ({err}): pass json_schema (e.g. {{'type': 'object'}}) to constrain it"
+            ) from err
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["token_ids"] = list(self.token_ids)

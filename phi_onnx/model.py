@@ -134,6 +134,7 @@ class PhiVision:
         self.vocab_size = int(self.info.config["model"].get("vocab_size") or 0) or None
         self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
         self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
+        self._guidance_ok: set[tuple[str, str]] = set()
         self._pre_lock = threading.Lock()  # the cache may be shared by threads serving several requests
         self._pre_dead: list[tuple[int, int, int | None]] = []  # keys whose image died (appended by weakref callbacks)
 
@@ -178,7 +179,7 @@ class PhiVision:
     def _generate_stream(self, prepared: PreparedInputs, opts: GenerationOptions, start: float) -> Iterator[Chunk]:
         search = opts.search_options(prepared.prompt_tokens, self.context_length)
         stream = self._tokenizer.stream()
-        tokens = _og.run_tokens(self._model, prepared.inputs, search)
+        tokens = _og.run_tokens(self._model, prepared.inputs, search, opts.guidance())
         return token_chunks(
             tokens,
             stream.decode,
@@ -268,6 +269,11 @@ class PhiVision:
                 f"{self.vocab_size:,} (0 means no limit)"
             )
         opts.max_length(1, self.context_length)  # max_new_tokens alone may already exceed the context
+        guidance = opts.guidance()
+        if guidance is not None and guidance not in self._guidance_ok:
+            _og.check_guidance(self._model, guidance)
+            with self._pre_lock:
+                self._guidance_ok.add(guidance)  # compiled once per distinct schema / regex / grammar
 
     def _check_budget(self, text: str, frames: list, crops: list[int], opts: GenerationOptions) -> None:
         """Refuse a prompt whose image tokens (known from the image sizes) and text cannot fit, before any HD work.

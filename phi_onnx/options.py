@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -63,6 +64,10 @@ class GenerationOptions:
         seed: Sampling seed; None picks a random one.
         stop: Strings that end the generation; the text returned stops before them.
         num_crops: HD crops per image; None uses 16 for a single image and 4 for several images or frames.
+        json_schema: Constrain the answer to JSON matching this schema (a dict or JSON text; kept as compact JSON
+            text). Whitespace between tokens is off unless the schema's own ``x-guidance`` says otherwise.
+        regex: Constrain the answer to match this regular expression.
+        grammar: Constrain the answer to this Lark grammar.
     """
 
     max_new_tokens: int = 256
@@ -75,6 +80,9 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     num_crops: int | None = None
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         for f in FIELDS:
@@ -88,6 +96,14 @@ class GenerationOptions:
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
             raise OptionsError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "json_schema", _check_schema(self.json_schema))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise OptionsError(f"{name} must be a non-empty string, got {value!r}")
+        given = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise OptionsError(f"give at most one of json_schema, regex and grammar, got {' and '.join(given)}")
         if self.min_new_tokens > self.max_new_tokens:
             raise OptionsError(
                 f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens ({self.max_new_tokens}): "
@@ -116,6 +132,25 @@ class GenerationOptions:
         changes = {k: v for k, v in {**(values or {}), **more}.items() if v is not None}
         GenerationOptions.from_mapping(changes)  # reject unknown names with the same message
         return replace(self, **changes)
+
+    def guidance(self) -> tuple[str, str] | None:
+        """(kind, data) for onnxruntime-genai's ``set_guidance``, or None when the output is unconstrained.
+
+        A JSON schema gets llguidance's ``"x-guidance": {"whitespace_flexible": false}`` (compact JSON that ends)
+        unless the schema sets ``whitespace_flexible`` itself: with flexible whitespace a model can write newlines
+        and tabs until max_new_tokens.
+        """
+        if self.json_schema is not None:
+            schema = json.loads(self.json_schema)
+            if isinstance(schema, dict):
+                extra = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
+                schema = {**schema, "x-guidance": {"whitespace_flexible": False, **extra}}
+            return "json_schema", json.dumps(schema, separators=(",", ":"))
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "lark_grammar", self.grammar
+        return None
 
     @property
     def sampling(self) -> bool:
@@ -178,6 +213,27 @@ def _check(f: Field, value: Any) -> Any:
     if too_low or (f.high is not None and value > f.high):
         raise OptionsError(f"{f.name} is {value}, outside its range {_range(f)}")
     return value
+
+
+def _check_schema(schema: Any) -> str | None:
+    """A JSON schema as compact JSON text, or an OptionsError saying what is wrong with it."""
+    if schema is None:
+        return None
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as err:
+            raise OptionsError(f"json_schema is not valid JSON ({err}): pass a dict or JSON text") from err
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
+    if not isinstance(schema, dict):
+        raise OptionsError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+    try:
+        return json.dumps(schema, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise OptionsError(
+            f"json_schema cannot be written as JSON ({err}): use plain dicts, lists, str and numbers"
+        ) from err
 
 
 def _range(f: Field) -> str:

@@ -115,6 +115,11 @@ def option_flags(fn):
             kind = click.INT if f.kind is int else click.FLOAT
             fn = click.option(flag, f.name, type=kind, default=None, help=f.help)(fn)
     fn = click.option("--stop", multiple=True, help="Stop at this string (repeatable).")(fn)
+    fn = click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+                      help="Constrain the answer to a Lark grammar read from FILE.")(fn)  # fmt: skip
+    fn = click.option("--regex", default=None, help="Constrain the answer to match this regular expression.")(fn)
+    fn = click.option("--json-schema", "json_schema", default=None, metavar="FILE_OR_JSON",
+                      help="Constrain the answer to JSON matching this schema (a file, or the JSON).")(fn)  # fmt: skip
     return fn
 
 
@@ -143,7 +148,28 @@ def _options(values: dict[str, Any]) -> dict[str, Any]:
     opts = {k: v for k, v in values.items() if k in names and v is not None}
     if values.get("stop"):
         opts["stop"] = tuple(values["stop"])
+    if values.get("json_schema"):
+        opts["json_schema"] = _file_or_text(values["json_schema"], "--json-schema")
+    if values.get("regex"):
+        opts["regex"] = values["regex"]
+    if values.get("grammar_file"):
+        opts["grammar"] = _read_text(Path(values["grammar_file"]), "--grammar")
     return opts
+
+
+def _file_or_text(value: str, flag: str) -> str:
+    """A flag that takes a file or the text itself: JSON text starts with '{'; anything else is a file."""
+    return value if value.lstrip().startswith("{") else _read_text(Path(value), flag)
+
+
+def _read_text(path: Path, flag: str) -> str:
+    from phi_onnx.errors import OptionsError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise OptionsError(f"{flag} {str(path)!r} cannot be read ({reason}): give a readable UTF-8 file") from err
 
 
 def _load(model: str | None, kw: dict[str, Any]):
@@ -190,6 +216,7 @@ def run(
       phi-onnx run -i clip.gif --num-crops 4 "What happens in this video?"
       phi-onnx run --json -i chart.png "What does this chart show?" | jq .text
       cat question.txt | phi-onnx run -i scan.png -      # the prompt from standard input
+      phi-onnx run -i receipt.jpg --json-schema receipt.schema.json "Extract the total." --json | jq .value
     """
     if not args:
         raise click.UsageError('give a PROMPT, e.g. phi-onnx run -i dog.jpg "Describe this image."')
@@ -217,6 +244,11 @@ def run(
         data.pop("token_ids")
         data["model"] = str(lm.folder)
         data["device"] = lm.device
+        if "json_schema" in opts:
+            try:
+                data["value"] = result.json()
+            except PhiOnnxError as err:
+                data["value"], data["value_error"] = None, str(err)
         click.echo(json.dumps(data, ensure_ascii=False))
         return
     result = collect(_echo(chunks))
