@@ -95,7 +95,7 @@ class Chat:
     def _decode(self, image: ImageInput) -> list:
         from phi_onnx.model import DECODED
 
-        frames = load_frames(image, max_frames=self.model.max_frames)
+        frames = load_frames(image, max_frames=self.model.max_frames, sampling=self.model.frame_sampling)
         for frame in frames:
             frame.info[DECODED] = True  # decoded once; later turns reuse the object (and its cached HD transform)
         return frames

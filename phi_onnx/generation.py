@@ -29,6 +29,7 @@ class Chunk:
         finish_reason: None until the last chunk; then "stop" (end of turn or a stop string) or "length".
         num_crops: HD crops per image used for this prompt (None without images).
         cached_tokens: Prompt tokens whose KV cache was reused from an earlier generation, not computed again.
+        frame_times: Times (seconds) of the video frames in the prompt, in order; empty without video.
     """
 
     text: str
@@ -43,6 +44,7 @@ class Chunk:
     finish_reason: str | None = None
     num_crops: int | None = None
     cached_tokens: int = 0
+    frame_times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Generation:
     elapsed_ms: float
     num_crops: int | None = None
     cached_tokens: int = 0
+    frame_times: tuple[float, ...] = ()
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def json(self) -> Any:
@@ -88,6 +91,7 @@ class Generation:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["token_ids"] = list(self.token_ids)
+        data["frame_times"] = list(self.frame_times)
         return data
 
 
@@ -157,6 +161,7 @@ def token_chunks(
     stops: tuple[str, ...] = (),
     num_crops: int | None = None,
     cached_tokens: int = 0,
+    frame_times: tuple[float, ...] = (),
 ) -> Iterator[Chunk]:
     """Turn generated token ids into chunks with running numbers.
 
@@ -183,6 +188,7 @@ def token_chunks(
             "elapsed_ms": (now - start) * 1e3,
             "num_crops": num_crops,
             "cached_tokens": cached_tokens,
+            "frame_times": frame_times,
         }
 
     try:

@@ -82,8 +82,8 @@ def load_image(src: ImageInput, *, name: str | None = None) -> Image.Image:
             img.seek(start)
 
 
-def load_frames(src: ImageInput, *, max_frames: int | None = None) -> list[Image.Image]:
-    """Decode the frames of an animation, a folder of images, or a single still image.
+def load_frames(src: ImageInput, *, max_frames: int | None = None, sampling: str = "uniform") -> list[Image.Image]:
+    """Decode the frames of a video file, an animation, a folder of images, or a single still image.
 
     Args:
         src: An animated GIF / WebP / APNG (any form :func:`load_image` takes), a folder whose image files are the
@@ -101,6 +101,10 @@ def load_frames(src: ImageInput, *, max_frames: int | None = None) -> list[Image
     """
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
         raise OptionsError(f"max_frames must be a positive integer or None, got {max_frames!r}")
+    from phi_onnx.video import is_video, load_video
+
+    if is_video(src):  # mp4, mov, webm, mkv, avi: PyAV, seeking to the frames it keeps
+        return load_video(src, max_frames=max_frames or 16, sampling=sampling)
     if isinstance(src, str | os.PathLike) and not _is_url(src) and os.path.isdir(src):
         return _folder_frames(os.fspath(src), max_frames)
     label = _label(src, None)

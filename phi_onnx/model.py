@@ -23,6 +23,7 @@ from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.options import GenerationOptions
 from phi_onnx.preprocess import Preprocessed, image_token_count, preprocess_images
 from phi_onnx.prompt import IMAGE_TAG, PHI3_SPECIAL_TOKENS, build_prompt, prompt_from_text, splice_image_tokens
+from phi_onnx.video import TIMESTAMP
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 TOKEN_IDS = ("microsoft", "onnxruntime-genai")
@@ -42,6 +43,7 @@ class PreparedInputs:
     image_tokens: int
     num_crops: int | None
     preprocess_ms: float
+    frame_times: tuple[float, ...] = ()
 
 
 def load(
@@ -55,6 +57,8 @@ def load(
     variant: str = "auto",
     revision: str | None = None,
     token_ids: str = "microsoft",
+    frame_sampling: str = "uniform",
+    frame_times: bool = False,
 ) -> PhiVision:
     """Load a Phi-3-vision / Phi-3.5-vision ONNX model.
 
@@ -68,6 +72,10 @@ def load(
         max_frames: Most frames taken from an animated image or a folder of frames (sampled evenly).
         variant: For a Hub repo: "auto", "cpu-int4", "gpu-int4" or a folder in the repo.
         revision: For a Hub repo: a branch, tag or commit.
+        frame_sampling: For video files: "uniform" (frames evenly over the clip) or "scenes" (the first frame of each
+            shot, topped up or thinned to max_frames).
+        frame_times: Put each video frame's time (e.g. ``[0:12.5]``) before its image tag in the prompt, for "when
+            does X happen" questions (prompt mode).
         token_ids: "microsoft" (default): the ids Microsoft's Phi3VProcessor gives, with ``<s>`` at the start and after
             every image, as the model was tuned and evaluated; "onnxruntime-genai": og's processor's ids (no BOS).
 
@@ -93,6 +101,8 @@ def load(
         preprocessor=preprocessor,
         max_frames=max_frames,
         token_ids=token_ids,
+        frame_sampling=frame_sampling,
+        frame_times=frame_times,
     )
 
 
@@ -109,7 +119,13 @@ class PhiVision:
         preprocessor: str = "auto",
         max_frames: int = DEFAULT_MAX_FRAMES,
         token_ids: str = "microsoft",
+        frame_sampling: str = "uniform",
+        frame_times: bool = False,
     ) -> None:
+        from phi_onnx.video import SAMPLING
+
+        if frame_sampling not in SAMPLING:
+            raise OptionsError(f"unknown frame_sampling {frame_sampling!r}: choose one of {', '.join(SAMPLING)}")
         if token_ids not in TOKEN_IDS:
             raise OptionsError(f"unknown token_ids {token_ids!r}: choose one of {', '.join(TOKEN_IDS)}")
         if preprocessor not in PREPROCESSORS:
@@ -125,6 +141,8 @@ class PhiVision:
         self.options = _as_options(options) if options is not None else GenerationOptions()
         self.preprocessor = preprocessor
         self.max_frames = max_frames
+        self.frame_sampling = frame_sampling
+        self.frame_times = bool(frame_times)
         self._model = _og.open_model(self.folder, provider, self.threads)
         self._pixel_dtype = _pixel_dtype(self.info)
         self._tokenizer = _og.Tokenizer(self._model, self.folder)
@@ -191,6 +209,7 @@ class PhiVision:
             eos_ids=self._eos,
             stops=opts.stop,
             num_crops=prepared.num_crops,
+            frame_times=prepared.frame_times,
         )
 
     def generate(
@@ -257,8 +276,9 @@ class PhiVision:
         ids = inputs["input_ids"]
         image_tokens = int((ids < 0).sum())
         opts.max_length(ids.shape[1], self.context_length)  # raises ContextLengthError with the numbers
+        times = tuple(f.info[TIMESTAMP] for f in frames if TIMESTAMP in f.info)
         return PreparedInputs(
-            inputs, text, int(ids.shape[1]), image_tokens, num_crops, (time.perf_counter() - start) * 1e3
+            inputs, text, int(ids.shape[1]), image_tokens, num_crops, (time.perf_counter() - start) * 1e3, times
         )
 
     def _check_options(self, opts: GenerationOptions) -> None:
@@ -301,15 +321,21 @@ class PhiVision:
                 raise OptionsError("give either messages, or a prompt with images, not both")
             if system is not None:
                 raise OptionsError("with messages, give the system prompt as a {'role': 'system'} message")
-            expanded = [_expand_message(m, self.max_frames) for m in messages]
+            expanded = [_expand_message(m, self.max_frames, self.frame_sampling) for m in messages]
             built = build_prompt(expanded, self.reserved_tokens)
             return built.text, list(built.images)
         if prompt is None:
             raise OptionsError("nothing to answer: give a prompt (and images) or messages")
         if not isinstance(prompt, str):
             raise OptionsError(f"prompt must be a string, got {type(prompt).__name__}")
-        frames = [f for src in _as_list(images) for f in load_frames(src, max_frames=self.max_frames)]
-        return prompt_from_text(prompt, len(frames), system=system, reserved=self.reserved_tokens), frames
+        frames = [
+            f
+            for src in _as_list(images)
+            for f in load_frames(src, max_frames=self.max_frames, sampling=self.frame_sampling)
+        ]
+        labels = [_time_label(f) for f in frames] if self.frame_times else None
+        text = prompt_from_text(prompt, len(frames), system=system, reserved=self.reserved_tokens, labels=labels)
+        return text, frames
 
     def _preprocess(self, frames: list, crops: list[int]) -> Preprocessed:
         """The HD transform per image. Conversation images (marked DECODED by Chat) keep their result while they live,
@@ -429,7 +455,15 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def _expand_message(message: Any, max_frames: int) -> Any:
+def _time_label(frame) -> str:
+    """``[m:ss.s] `` for a video frame, nothing for other images."""
+    seconds = frame.info.get(TIMESTAMP)
+    if seconds is None:
+        return ""
+    return f"[{int(seconds // 60)}:{seconds % 60:04.1f}] "
+
+
+def _expand_message(message: Any, max_frames: int, sampling: str = "uniform") -> Any:
     """Replace each image part with one part per frame (decoded with Pillow)."""
     if not isinstance(message, Mapping) or not isinstance(message.get("content"), list):
         return message
@@ -443,7 +477,8 @@ def _expand_message(message: Any, max_frames: int) -> Any:
                 parts.append({"type": "image", "image": src})
                 continue
             if src is not None:
-                parts.extend({"type": "image", "image": f} for f in load_frames(src, max_frames=max_frames))
+                frames = load_frames(src, max_frames=max_frames, sampling=sampling)
+                parts.extend({"type": "image", "image": f} for f in frames)
                 continue
         parts.append(part)
     return {**message, "content": parts}

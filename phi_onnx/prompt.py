@@ -114,7 +114,12 @@ def build_prompt(messages: Sequence[Mapping], reserved: Collection[str] = PHI3_S
 
 
 def prompt_from_text(
-    prompt: str, num_images: int, *, system: str | None = None, reserved: Collection[str] = PHI3_SPECIAL_TOKENS
+    prompt: str,
+    num_images: int,
+    *,
+    system: str | None = None,
+    reserved: Collection[str] = PHI3_SPECIAL_TOKENS,
+    labels: Sequence[str] | None = None,
 ) -> str:
     """Turn a plain prompt plus a number of images into a checked Phi-3-V prompt (one user turn).
 
@@ -127,6 +132,7 @@ def prompt_from_text(
         num_images: How many images go with it.
         system: An optional system prompt (no image tags).
         reserved: The tokenizer's control tokens.
+        labels: Text put before each image's tag (e.g. a video frame's time), when phi-onnx places the tags.
 
     Returns:
         The formatted prompt, ending with the generation prompt.
@@ -143,7 +149,8 @@ def prompt_from_text(
         _refuse_tags(system, "the system prompt")
         head = f"<|system|>\n{system}{END}\n" if system else ""
     has_tags = IMAGE_TAG.search(prompt) is not None
-    tags = "" if has_tags else "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1))
+    labels = list(labels) if labels is not None else [""] * num_images
+    tags = "" if has_tags else "".join(f"{labels[k - 1]}<|image_{k}|>\n" for k in range(1, num_images + 1))
     text = f"{head}{USER_MARKER}\n{tags}{prompt}{END}\n{GENERATION_PROMPT}"
     check_image_tags(text, num_images)
     return text

@@ -124,6 +124,14 @@ def option_flags(fn):
 
 
 def model_flags(fn):
+    fn = click.option("--frame-times", is_flag=True, help="Put each video frame's time before it in the prompt.")(fn)
+    fn = click.option(
+        "--frame-sampling",
+        type=click.Choice(["uniform", "scenes"]),
+        default="uniform",
+        show_default=True,
+        help="Video frames: evenly over the clip, or the first frame of each shot.",
+    )(fn)
     fn = click.option(
         "--preprocessor",
         type=click.Choice(["auto", "phi-onnx", "onnxruntime-genai"]),
@@ -182,6 +190,8 @@ def _load(model: str | None, kw: dict[str, Any]):
         preprocessor=kw["preprocessor"],
         variant=kw["variant"],
         max_frames=kw.get("max_frames") or 16,
+        frame_sampling=kw.get("frame_sampling") or "uniform",
+        frame_times=bool(kw.get("frame_times")),
     )
 
 
@@ -214,6 +224,7 @@ def run(
       phi-onnx run -i dog.jpg "Describe this image."
       phi-onnx run ./my-model -i page1.png -i page2.png "Compare the two pages."
       phi-onnx run -i clip.gif --num-crops 4 "What happens in this video?"
+      phi-onnx run -i clip.mp4 --max-frames 8 --frame-sampling scenes "Summarise this clip."
       phi-onnx run --json -i chart.png "What does this chart show?" | jq .text
       cat question.txt | phi-onnx run -i scan.png -      # the prompt from standard input
       phi-onnx run -i receipt.jpg --json-schema receipt.schema.json "Extract the total." --json | jq .value
@@ -254,6 +265,9 @@ def run(
     result = collect(_echo(chunks))
     click.echo()
     click.echo(_stats(result), err=True)
+    if result.frame_times:
+        times = ", ".join(f"{t:g}" for t in result.frame_times)
+        click.echo(f"[video: {len(result.frame_times)} frames, at {times} s]", err=True)
 
 
 def _looks_like_model(arg: str) -> bool:
