@@ -11,8 +11,11 @@ import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -248,26 +251,45 @@ def run(
     opts = _options(kw)
     from phi_onnx.generation import collect
 
-    chunks = lm.stream(prompt, list(images), system=system, **opts)
-    if as_json:
-        result = collect(chunks)
-        data = result.to_dict()
-        data.pop("token_ids")
-        data["model"] = str(lm.folder)
-        data["device"] = lm.device
-        if "json_schema" in opts:
-            try:
-                data["value"] = result.json()
-            except PhiOnnxError as err:
-                data["value"], data["value_error"] = None, str(err)
-        click.echo(json.dumps(data, ensure_ascii=False))
+    with _interrupt_ends_the_process():
+        chunks = lm.stream(prompt, list(images), system=system, **opts)
+        if as_json:
+            result = collect(chunks)
+            data = result.to_dict()
+            data.pop("token_ids")
+            data["model"] = str(lm.folder)
+            data["device"] = lm.device
+            if "json_schema" in opts:
+                try:
+                    data["value"] = result.json()
+                except PhiOnnxError as err:
+                    data["value"], data["value_error"] = None, str(err)
+            click.echo(json.dumps(data, ensure_ascii=False))
+            return
+        result = collect(_echo(chunks))
+        click.echo()
+        click.echo(_stats(result), err=True)
+        if result.frame_times:
+            times = ", ".join(f"{t:g}" for t in result.frame_times)
+            click.echo(f"[video: {len(result.frame_times)} frames, at {times} s]", err=True)
+
+
+@contextlib.contextmanager
+def _interrupt_ends_the_process() -> Iterator[None]:
+    """Let Ctrl-C end ``run`` at once, also inside onnxruntime-genai's prompt pass.
+
+    onnxruntime-genai 0.18 runs the whole prompt pass (vision, embedding, decoder prefill) inside one call that holds
+    the GIL, so Python's KeyboardInterrupt (and any other thread) waits until it returns: 20 s and more for many
+    images. A one-shot command has nothing to save, so during generation SIGINT gets its default action.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    result = collect(_echo(chunks))
-    click.echo()
-    click.echo(_stats(result), err=True)
-    if result.frame_times:
-        times = ", ".join(f"{t:g}" for t in result.frame_times)
-        click.echo(f"[video: {len(result.frame_times)} frames, at {times} s]", err=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _looks_like_model(arg: str) -> bool:
