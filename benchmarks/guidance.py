@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import time
 from pathlib import Path
+
+from phi_onnx_bench.runner import background_share, cpu_snapshot
 
 # A schema that never ends by itself (an array of free strings), so min/max_new_tokens fix the length.
 SCHEMA = {
@@ -23,16 +24,6 @@ SCHEMA = {
     "properties": {"lines": {"type": "array", "items": {"type": "string"}}},
     "required": ["lines"],
 }
-
-
-def _busy() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -50,18 +41,17 @@ def main() -> None:
     runs: dict[str, list[float]] = {"free": [], "json_schema": []}
     for kind in ("free", "json_schema"):  # warm-up
         model.generate("List what you see.", **common, **({"json_schema": SCHEMA} if kind != "free" else {}))
-    busy0, own0, t0 = _busy(), _own(), time.perf_counter()
+    before, t0 = cpu_snapshot(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(args.repeat):
         for kind in ("free", "json_schema"):
             extra = {"json_schema": SCHEMA} if kind != "free" else {}
             result = model.generate("List what you see.", **common, **extra)
             runs[kind].append(result.decode_tokens_per_s)
-    wall = time.perf_counter() - t0
-    other = max(0.0, (_busy() - busy0) - (_own() - own0)) / (wall * (os.cpu_count() or 1))
+    other = background_share(before, cpu_snapshot(resource.RUSAGE_SELF), time.perf_counter() - t0)
     free, guided = statistics.median(runs["free"]), statistics.median(runs["json_schema"])
     print(json.dumps({"model": args.model, "new_tokens": args.new_tokens, "repeat": args.repeat,
                       "decode_tokens_per_s": {"free": round(free, 1), "json_schema": round(guided, 1)},
-                      "ratio": round(guided / free, 3), "other_cpu_share": round(other, 3),
+                      "ratio": round(guided / free, 3), "other_cpu_share": other,
                       "samples": runs}, indent=2))  # fmt: skip
 
 

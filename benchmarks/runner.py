@@ -77,7 +77,7 @@ def _stderr(message: str) -> None:
 def _run_worker(spec: PathSpec, work: Workload, base: Path, log: Callable[[str], None]) -> dict[str, Any]:
     spec_file, out_file = base.with_suffix(".spec.json"), base.with_suffix(".out.json")
     spec_file.write_text(json.dumps({"path": spec.to_dict(), "workload": work.to_dict()}))
-    before, t0 = _cpu_snapshot(), time.perf_counter()
+    before, t0 = cpu_snapshot(), time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "phi_onnx_bench.worker", str(spec_file), str(out_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
@@ -89,7 +89,7 @@ def _run_worker(spec: PathSpec, work: Workload, base: Path, log: Callable[[str],
         raise BenchError(f"the {spec.label} worker failed (exit {proc.returncode}): {tail}")
     raw = json.loads(out_file.read_text())
     result = {**spec.to_dict(), **{k: v for k, v in raw.items() if k not in ("path", "runs")}}
-    result["background_cpu"] = _background_share(before, _cpu_snapshot(), wall)
+    result["background_cpu"] = background_share(before, cpu_snapshot(), wall)
     result["runs"] = {}
     for crops, run in raw["runs"].items():
         figures = {name: summarize(run["samples"][name]) for name in FIGURES}
@@ -100,8 +100,9 @@ def _run_worker(spec: PathSpec, work: Workload, base: Path, log: Callable[[str],
     return result
 
 
-def _cpu_snapshot() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, CPU seconds of our finished children), or None off Linux."""
+def cpu_snapshot(who: int = resource.RUSAGE_CHILDREN) -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of ``who``: our finished children by default, or this
+    process with ``resource.RUSAGE_SELF``), or None off Linux."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except OSError:
@@ -109,11 +110,11 @@ def _cpu_snapshot() -> tuple[float, float] | None:
     ticks = os.sysconf("SC_CLK_TCK")
     values = [int(v) for v in fields]
     busy = (sum(values[:8]) - values[3] - values[4]) / ticks  # all but idle and iowait
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, kids.ru_utime + kids.ru_stime
+    ours = resource.getrusage(who)
+    return busy, ours.ru_utime + ours.ru_stime
 
 
-def _background_share(before, after, wall: float) -> float | None:
+def background_share(before, after, wall: float) -> float | None:
     """Share of the machine's CPU that other processes used while a worker ran (0 = a quiet machine)."""
     if before is None or after is None or wall <= 0:
         return None

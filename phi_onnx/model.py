@@ -30,6 +30,7 @@ TOKEN_IDS = ("microsoft", "onnxruntime-genai")
 DEFAULT_MAX_FRAMES = 16
 DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
 CROPS = "phi_onnx.num_crops"  # set in PIL ``info`` by Chat: the crops an image keeps for the whole conversation
+_GUIDANCE_CHECKED = 256  # distinct constraints remembered as valid, so each is compiled up front only once
 _CACHE_SIZE = 32  # conversation images whose HD transform is kept (a chat re-sends its images every turn)
 
 
@@ -256,15 +257,14 @@ class PhiVision:
         num_crops = opts.crops_for(len(frames)) if frames else None
         use_og = self._use_og_processor(num_crops, opts) if frames else False
         crops = [int(f.info.get(CROPS, num_crops)) for f in frames] if not use_og else [16] * len(frames)
-        self._check_budget(text, frames, crops, opts)
+        encode = functools.lru_cache(maxsize=None)(self._tokenizer.encode)  # each chunk tokenised once per call
+        self._check_budget(text, frames, crops, opts, encode)
         if use_og:
             inputs = self._og_inputs(text, frames)
             num_crops = 16
         elif frames:
             pre = self._preprocess(frames, crops)
-            ids = splice_image_tokens(
-                text, self._tokenizer.encode, pre.num_image_tokens[:, 0].tolist(), bos_id=self._bos
-            )
+            ids = splice_image_tokens(text, encode, pre.num_image_tokens[:, 0].tolist(), bos_id=self._bos)
             inputs = {
                 "input_ids": ids,
                 "pixel_values": pre.pixel_values.astype(self._pixel_dtype, copy=False),
@@ -272,7 +272,7 @@ class PhiVision:
                 "num_image_tokens": pre.num_image_tokens,
             }
         else:
-            inputs = {"input_ids": splice_image_tokens(text, self._tokenizer.encode, [], bos_id=self._bos)}
+            inputs = {"input_ids": splice_image_tokens(text, encode, [], bos_id=self._bos)}
         ids = inputs["input_ids"]
         image_tokens = int((ids < 0).sum())
         opts.max_length(ids.shape[1], self.context_length)  # raises ContextLengthError with the numbers
@@ -292,18 +292,22 @@ class PhiVision:
         guidance = opts.guidance()
         if guidance is not None and guidance not in self._guidance_ok:
             _og.check_guidance(self._model, guidance)
-            with self._pre_lock:
-                self._guidance_ok.add(guidance)  # compiled once per distinct schema / regex / grammar
+            with self._pre_lock:  # compiled once per distinct schema / regex / grammar; bounded for long-lived servers
+                if len(self._guidance_ok) >= _GUIDANCE_CHECKED:
+                    self._guidance_ok.clear()
+                self._guidance_ok.add(guidance)
 
-    def _check_budget(self, text: str, frames: list, crops: list[int], opts: GenerationOptions) -> None:
+    def _check_budget(self, text: str, frames: list, crops: list[int], opts: GenerationOptions, encode) -> None:
         """Refuse a prompt whose image tokens (known from the image sizes) and text cannot fit, before any HD work.
 
-        Tokenising the text is cheap next to the HD transform of even one image, so the count is exact.
+        The text chunks are tokenised here exactly as :func:`splice_image_tokens` will (``encode`` is memoised by the
+        caller, so they are tokenised once), BOS ids included: the count is the prompt's real length.
         """
         if not frames:
             return  # nothing expensive happens before the exact check after tokenisation
         image_tokens = sum(image_token_count(f.width, f.height, c) for f, c in zip(frames, crops))
-        text_tokens = len(self._tokenizer.encode(IMAGE_TAG.sub("", text)))
+        chunks = IMAGE_TAG.split(text)[::2]
+        text_tokens = sum(len(encode(c)) for c in chunks if c) + (len(chunks) if self._bos is not None else 0)
         opts.max_length(image_tokens + text_tokens, self.context_length)
 
     def _og_inputs(self, text: str, frames: list) -> dict[str, np.ndarray]:

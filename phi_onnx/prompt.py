@@ -242,7 +242,7 @@ def check_text(text: str, where: str, reserved: Collection[str] = PHI3_SPECIAL_T
             f"{where} contains {name} at character {bad.start()}, which the tokenizer cannot carry: remove it "
             "(or fix the text's encoding)"
         )
-    pattern = _reserved_pattern(tuple(sorted(set(reserved), key=len, reverse=True)))
+    pattern = _reserved_pattern(tuple(reserved))
     found = pattern.search(text) if pattern is not None else None
     if found is not None:
         raise PromptError(
@@ -253,8 +253,9 @@ def check_text(text: str, where: str, reserved: Collection[str] = PHI3_SPECIAL_T
 
 @functools.lru_cache(maxsize=8)
 def _reserved_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
-    tokens = tuple(t for t in tokens if t)
-    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+    """One regex for a tokenizer's control tokens, longest first (compiled once per token set)."""
+    ordered = sorted({t for t in tokens if t}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
 
 
 def splice_image_tokens(

@@ -318,3 +318,19 @@ def test_a_hub_answering_html_is_a_fetch_error(tmp_path):
         server.server_close()
     assert done.returncode == 2, done.stderr
     assert "not the Hub's JSON API" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_budget_before_the_hd_transform_counts_the_prompt_exactly(tiny_model, example_image, monkeypatch):
+    """Off by one token past the context, the refusal still comes before any HD transform: the early count includes
+    every text token and every BOS id the prompt will have."""
+    import phi_onnx.model as model_module
+
+    prompt_tokens = tiny_model.prepare("Describe it.", [example_image]).prompt_tokens
+    fits = tiny_model.options.updated(max_new_tokens=tiny_model.context_length - prompt_tokens)
+    assert tiny_model.prepare("Describe it.", [example_image], options=fits).prompt_tokens == prompt_tokens
+    calls = []
+    monkeypatch.setattr(model_module, "preprocess_images", lambda *a, **k: calls.append(1))
+    over = tiny_model.options.updated(max_new_tokens=tiny_model.context_length - prompt_tokens + 1)
+    with pytest.raises(ContextLengthError, match=f"prompt is {prompt_tokens:,} tokens"):
+        tiny_model.prepare("Describe it.", [example_image], options=over)
+    assert calls == []
