@@ -1,4 +1,4 @@
-"""The phi-onnx command line: run, chat, fetch, info, export, bench.
+"""The phi-onnx command line: run, chat, serve, fetch, info, export, bench.
 
 Generated text goes to stdout; progress, stats and warnings to stderr. Package errors become one line on stderr and
 exit code 2; unexpected exceptions keep their traceback.
@@ -450,9 +450,11 @@ def info(model: str | None, as_json: bool) -> None:
 def _register_optional() -> None:
     from phi_onnx.cli.bench import bench
     from phi_onnx.cli.export import export
+    from phi_onnx.cli.serve import serve
 
     main.add_command(export)
     main.add_command(bench)
+    main.add_command(serve)
 
 
 _register_optional()

@@ -1,0 +1,162 @@
+"""One chat completion in flight: waits on its job's events and answers whole or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from phi_onnx.server import schema
+from phi_onnx.server.schema import APIError
+
+log = logging.getLogger("phi_onnx.server")
+_CODES = {
+    "ContextLengthError": "context_length_exceeded",
+    "ImageError": "invalid_image",
+    "PromptError": "invalid_prompt",
+}
+
+
+class Run:
+    """A submitted job and the HTTP request it answers; cancels the job when the client goes away or time runs out."""
+
+    def __init__(self, request, state, job, req: schema.ChatRequest, started: float) -> None:
+        self.request = request
+        self.state = state
+        self.job = job
+        self.req = req
+        self.started = started
+        self.deadline = started + state.settings.request_timeout_s
+        self.request_id: str = request.scope.get("phi.request_id", "-")
+        self.log: dict[str, Any] = request.scope.setdefault("phi.log", {})
+        self.log["images"] = len(req.images)
+        self.ttft_s: float | None = None
+        self.stats: dict[str, Any] = {}
+        self._closed = False
+        self._watch = asyncio.create_task(self._watch_disconnect())
+
+    async def first(self) -> tuple:
+        """Wait for the job to start; a refused request raises its APIError (the worker's one-line reason)."""
+        event = await self._next()
+        if event[0] == "start":
+            self.ttft_s = time.perf_counter() - self.started
+            self.stats = event[2]
+            return event
+        self._close()
+        if event[0] == "error":
+            kind, message = event[2], event[3]
+            if kind == "internal":
+                log.error("request %s failed: %s", self.request_id, message)
+                raise APIError(500, f"internal error (request id {self.request_id})", type="server_error")
+            raise APIError(400, message, code=_CODES.get(kind))
+        raise APIError(499, "the client closed the request", code="cancelled")  # event is a cancelled "done"
+
+    async def whole(self, first: tuple) -> dict[str, Any]:
+        parts: list[str] = []
+        try:
+            while True:
+                event = await self._next()
+                if event[0] == "text":
+                    parts.append(event[2])
+                    continue
+                self._done(event)
+                if self.stats.get("finish_reason") == "error":
+                    raise self._failure()
+                return schema.completion(
+                    self.request_id, self.state.name, "".join(parts), self.stats["finish_reason"], self._usage()
+                )
+        finally:
+            self._close()
+
+    async def sse(self, first: tuple) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        usage: Any = None if self.req.include_usage else False
+
+        def event(delta, finish=None) -> bytes:
+            data = schema.chunk(self.request_id, self.state.name, created, delta, finish, usage)
+            return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+        try:
+            yield event({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    message = await self._next()
+                except APIError as err:
+                    yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                    return
+                if message[0] == "text":
+                    if message[2]:
+                        yield event({"content": message[2]})
+                    continue
+                self._done(message)
+                if self.stats.get("finish_reason") == "error":
+                    yield b"data: " + json.dumps(self._failure().body()).encode() + b"\n\n"
+                    return
+                if self.stats.get("finish_reason") == "cancelled":
+                    return
+                yield event({}, self.stats["finish_reason"])
+                if self.req.include_usage:
+                    data = schema.chunk(self.request_id, self.state.name, created, None, None, self._usage())
+                    yield b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                return
+        finally:
+            self._close()
+
+    async def _next(self) -> tuple:
+        remaining = self.deadline - time.perf_counter()
+        try:
+            return await asyncio.wait_for(self.job.events.get(), max(remaining, 0.001))
+        except TimeoutError:
+            self.state.scheduler.cancel(self.job)
+            self.log["finish"] = "timeout"
+            raise APIError(
+                504,
+                f"the request took over {self.state.settings.request_timeout_s:g} s and was "
+                "stopped: lower max_tokens or retry later",
+                type="server_error",
+                code="timeout",
+            ) from None
+
+    def _done(self, event: tuple) -> None:
+        self.stats = {**self.stats, **event[2]}
+
+    def _failure(self) -> APIError:
+        log.error("request %s failed mid-generation: %s", self.request_id, self.stats.get("error"))
+        return APIError(500, f"internal error (request id {self.request_id})", type="server_error")
+
+    def _usage(self) -> dict[str, Any]:
+        s = self.stats
+        return schema.usage(s.get("prompt_tokens", 0), s.get("generated_tokens", 0), s.get("cached_tokens", 0))
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.log["finish"] = "disconnected"
+                self.state.scheduler.cancel(self.job)
+                return
+
+    def _close(self) -> None:
+        """Stop watching, cancel the job if it still runs, and record the request's numbers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watch.cancel()
+        if not self.job.finished:
+            self.state.scheduler.cancel(self.job)
+        s = self.stats
+        queue_wait = (self.job.started_at - self.job.queued_at) if self.job.started_at else None
+        self.log.update(
+            prompt=s.get("prompt_tokens", 0),
+            image_tokens=s.get("image_tokens", 0),
+            cached=s.get("cached_tokens", 0),
+            generated=s.get("generated_tokens", 0),
+            ttft_ms=None if self.ttft_s is None else self.ttft_s * 1e3,
+        )
+        self.log.setdefault("finish", s.get("finish_reason"))
+        if s:
+            self.state.metrics.record(s, queue_wait, self.ttft_s, time.perf_counter() - self.started)
