@@ -51,7 +51,10 @@ class Run:
             if kind == "internal":
                 log.error("request %s failed: %s", self.request_id, message)
                 raise APIError(500, f"internal error (request id {self.request_id})", type="server_error")
-            raise APIError(400, message, code=_CODES.get(kind))
+            param = None
+            if kind == "OptionsError":  # the model's own limits: top_k against the vocabulary, a constraint it compiles
+                param = "top_k" if "top_k" in message else self.req.constraint
+            raise APIError(400, message, param=param, code=_CODES.get(kind))
         raise APIError(499, "the client closed the request", code="cancelled")  # event is a cancelled "done"
 
     async def whole(self, first: tuple) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     images: list[tuple[int, int, str, str]] = field(default_factory=list)  # (message, part, url, detail)
+    constraint: str | None = None  # the request parameter that constrains the output (response_format, guided_*)
 
 
 def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
@@ -140,8 +141,9 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
             raise bad("stream_options is only allowed with stream=true", param="stream_options")
         include_usage = _flag(stream_options, "include_usage", "stream_options.include_usage")
     options = _options(body, default_max_tokens)
+    constraint = _constraint(body)
     messages, images = _messages(body.get("messages"))
-    return ChatRequest(model, messages, options, stream, include_usage, images)
+    return ChatRequest(model, messages, options, stream, include_usage, images, constraint and constraint[0])
 
 
 def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
@@ -151,15 +153,17 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
         raise bad("max_tokens and max_completion_tokens differ: give one of them", param="max_completion_tokens")
     for name, value in given.items():
         options["max_new_tokens"] = _number(name, value, int, 1, 131072)
+        _check_option(name, "max_new_tokens", options["max_new_tokens"])
     options.setdefault("max_new_tokens", default_max_tokens)
     for name, (option, kind, low, high) in _NUMBERS.items():
         value = body.get(name)
         if value is not None:
             options[option] = _number(name, value, kind, low, high)
-    if options.get("top_k") == -1:  # vLLM's spelling of "no limit"
-        options["top_k"] = 0
-    if "seed" in options:
-        options["seed"] %= 2**31 - 1  # og takes a 31-bit seed; the same request seed still gives the same text
+            if option == "top_k" and options[option] == -1:  # vLLM's spelling of "no limit"
+                options[option] = 0
+            if option == "seed":  # og takes a 31-bit seed; the same request seed still gives the same text
+                options[option] %= 2**31 - 1
+            _check_option(name, option, options[option])
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -168,7 +172,7 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
         options["stop"] = tuple(stops)
     constraint = _constraint(body)
     if constraint is not None:
-        options[constraint[0]] = constraint[1]
+        options[constraint[1]] = constraint[2]
     try:
         GenerationOptions.from_mapping(options)
     except OptionsError as err:
@@ -176,7 +180,8 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
     return options
 
 
-def _constraint(body: dict) -> tuple[str, Any] | None:
+def _constraint(body: dict) -> tuple[str, str, Any] | None:
+    """(request parameter, option, value) of the one output constraint, if any."""
     found: list[tuple[str, str, Any]] = []
     fmt = body.get("response_format")
     if fmt is not None:
@@ -201,11 +206,8 @@ def _constraint(body: dict) -> tuple[str, Any] | None:
     if not found:
         return None
     name, option, value = found[0]
-    try:
-        GenerationOptions.from_mapping({option: value})
-    except OptionsError as err:
-        raise bad(str(err), param=name) from None
-    return option, value
+    _check_option(name, option, value)
+    return name, option, value
 
 
 def _messages(messages: object) -> tuple[list[dict[str, Any]], list[tuple[int, int, str, str]]]:
@@ -266,6 +268,14 @@ def _number(name: str, value: object, kind: type, low: float, high: float) -> fl
         what = "a whole number" if kind is int else "a number"
         raise bad(f"{name} must be {what} between {low:g} and {high:g}, got {_show(value)}", param=name)
     return kind(value)
+
+
+def _check_option(name: str, option: str, value: object) -> None:
+    """Our own range of one option (narrower than OpenAI's in places, e.g. top_p > 0), named by its request name."""
+    try:
+        GenerationOptions.from_mapping({option: value})
+    except OptionsError as err:
+        raise bad(f"{name}: {err}", param=name) from None
 
 
 def _flag(body: dict, name: str, param: str | None = None) -> bool:
