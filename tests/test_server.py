@@ -351,6 +351,7 @@ def test_image_count_and_prompt_budget_are_checked_before_decoding(server, examp
     # A PNG header claiming 5000x5000 pixels with no pixel data: refused from its size, never decoded.
     ihdr = b"IHDR" + (5000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
     header = b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    header += (4).to_bytes(4, "big") + b"IDAT" + bytes(4) + zlib.crc32(b"IDAT" + bytes(4)).to_bytes(4, "big")
     fake = "data:image/png;base64," + base64.b64encode(header).decode()
     three = user(*[image_part(fake)] * 3, "Hi")
     response = post(server, {"model": "tiny", "messages": three, "max_tokens": 2, "num_crops": 16})
