@@ -18,6 +18,7 @@ class ServerProcess:
 
     def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None, timeout: float = 120) -> None:
         self.log_path = log
+        self.model = model
         self._log = open(log, "w")  # noqa: SIM115 - open for the life of the process
         command = [sys.executable, "-m", "phi_onnx", "serve", str(model), "--port", "0", "--model-name", "tiny", *args]
         self.process = subprocess.Popen(

@@ -6,7 +6,11 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import ClassVar
@@ -357,3 +361,214 @@ def test_image_count_and_prompt_budget_are_checked_before_decoding(server, examp
     response = post(server, {"model": "tiny", "messages": three, "max_tokens": 2, "num_crops": 16})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+# --- the remote-image policy, in process against loopback origins --------------------------------------------------
+
+
+def _settings(**kw):
+    from phi_onnx.server import ServerSettings
+
+    return ServerSettings(**{"allow_remote_images": True, "max_image_bytes": 100_000, **kw})
+
+
+def test_remote_fetch_checks_type_size_and_redirects(origin, example_image):
+    from phi_onnx.server.media import fetch_image
+    from phi_onnx.server.schema import APIError
+
+    allowed = _settings(allow_private_networks=True)
+    assert fetch_image(origin.base + "/a.jpg", "img", allowed) == example_image.read_bytes()
+    origin.routes["/page"] = (200, {"Content-Type": "text/html"}, b"<html>")
+    origin.routes["/big"] = (200, {"Content-Type": "image/png"}, b"x" * 100_001)
+    for hop in range(5):
+        origin.routes[f"/r{hop}"] = (302, {"Location": f"/r{hop + 1}" if hop < 4 else "/a.jpg"}, b"")
+    origin.routes["/r-file"] = (302, {"Location": "file:///etc/passwd"}, b"")
+    cases = {"/page": "not an image", "/big": "over this server's limit", "/r0": "redirects more than 3",
+             "/missing": "HTTP 404", "/r-file": "could not fetch"}  # fmt: skip
+    for path, words in cases.items():
+        with pytest.raises(APIError) as err:
+            fetch_image(origin.base + path, "img", allowed)
+        assert err.value.status == 400 and words in err.value.message, (path, err.value.message)
+    assert fetch_image(origin.base + "/r2", "img", allowed) == example_image.read_bytes()  # 3 redirects are fine
+
+
+def test_a_redirect_to_a_private_address_is_refused_at_connect_time(origin, example_image, monkeypatch):
+    """The first origin counts as public for this test; it redirects to a loopback one, which must see no request."""
+    from phi_onnx.server import media
+    from phi_onnx.server.schema import APIError
+
+    handler = type("Private", (_Counting,), {"hits": [], "routes": {}})
+    private = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=private.serve_forever, daemon=True).start()
+    try:
+        public_port = int(origin.base.rsplit(":", 1)[1])
+        real = media._is_public
+        monkeypatch.setattr(media, "_is_public", lambda ip, port: port == public_port or real(ip, port))
+        target = f"http://127.0.0.1:{private.server_address[1]}/a.jpg"
+        origin.routes["/hop"] = (302, {"Location": target}, b"")
+        with pytest.raises(APIError) as err:
+            media.fetch_image(origin.base + "/hop", "img", _settings())
+        assert err.value.code == "url_not_allowed"
+        assert origin.hits == ["/hop"] and handler.hits == []
+    finally:
+        private.shutdown()
+        private.server_close()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.5.4",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "::ffff:127.0.0.1",
+        "fd00:ec2::254",
+        "fe80::1",
+        "224.0.0.1",
+        "localhost",
+    ],
+)
+def test_non_public_addresses_are_refused(host):
+    from phi_onnx.server.media import _Refused, check_address
+
+    with pytest.raises(_Refused):
+        check_address(host, 80, allow_private=False)
+    assert check_address(host, 80, allow_private=True)
+
+
+def test_public_addresses_pass():
+    from phi_onnx.server.media import check_address
+
+    assert check_address("8.8.8.8", 443, allow_private=False) == "8.8.8.8"
+    assert check_address("2606:4700:4700::1111", 443, allow_private=False) == "2606:4700:4700::1111"
+
+
+# --- load: queue, disconnects, deadlines, drain, crashes -----------------------------------------------------------
+
+
+def _stream_lines(server, body, request_id, key=KEY):
+    """An open streaming request: (the response context, an iterator over its SSE lines)."""
+    client = httpx.Client(timeout=60)
+    headers = {"Authorization": f"Bearer {key}", "X-Request-Id": request_id} if key else {"X-Request-Id": request_id}
+    context = client.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                            headers=headers)  # fmt: skip
+    response = context.__enter__()
+    return client, context, response, (line for line in response.iter_lines() if line.startswith("data: "))
+
+
+LONG = {"model": "tiny", "messages": user("Go on."), "max_tokens": 100_000, "min_tokens": 100_000}
+
+
+def test_full_queue_is_429_and_a_disconnect_frees_the_worker_at_once(server):
+    client, context, response, lines = _stream_lines(server, LONG, "long-1")
+    assert response.status_code == 200
+    for _ in range(3):
+        next(lines)  # generating; the one worker is busy
+    queued = {}
+    waiter = threading.Thread(
+        target=lambda: queued.update(r=post(server, {"model": "tiny", "messages": user("Hi"), "max_tokens": 2})),
+        daemon=True,
+    )
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while (
+        "phi_onnx_queue_depth 1.0"
+        not in httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    ):
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.05)
+    full = post(server, {"model": "tiny", "messages": user("Hi"), "max_tokens": 2})
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["code"] == "queue_full"
+    closed_at = time.monotonic()
+    context.__exit__(None, None, None)  # the client goes away mid-stream
+    client.close()
+    waiter.join(30)
+    assert queued["r"].status_code == 200  # served once the worker was freed
+    assert time.monotonic() - closed_at < 10
+    line = server.access("long-1")
+    generated = int(line.split("generated=")[1].split()[0])
+    assert generated < 50_000 and "finish=disconnected" in line, line  # stopped long before max_tokens
+
+
+@pytest.fixture()
+def drain_server(tiny_model_dir, tmp_path):
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--request-timeout", "3", "--grace", "20")
+    yield proc
+    proc.stop(signal.SIGKILL)
+
+
+def test_deadline_worker_crash_and_sigterm_drain(drain_server):
+    import psutil
+
+    # A request over its deadline ends with an error event in the stream.
+    _, context, _, lines = _stream_lines(drain_server, LONG, "slow-1", key=None)
+    events = list(lines)
+    context.__exit__(None, None, None)
+    assert json.loads(events[-1][6:])["error"]["code"] == "timeout"
+    # A worker that dies mid-request: that request gets a 500 with its id, the next one is served by a new worker.
+    crash = {}
+    body = {**LONG, "max_tokens": 50_000, "min_tokens": 50_000}
+    call = lambda: crash.update(r=post(drain_server, body, key=None, headers={"X-Request-Id": "crash-1"}))  # noqa: E731
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not (children := psutil.Process(drain_server.process.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for child in children:
+        child.kill()
+    thread.join(30)
+    assert crash["r"].status_code == 500 and "crash-1" in crash["r"].json()["error"]["message"]
+    again = post(drain_server, {"model": "tiny", "messages": user("Hi"), "max_tokens": 2}, key=None)
+    assert again.status_code == 200, again.text
+    # SIGTERM: the running request finishes, new ones get 503, and the process exits 0.
+    body = {"model": "tiny", "messages": user("Go on."), "max_tokens": 1500, "min_tokens": 1500}
+    _, context, _response, lines = _stream_lines(drain_server, body, "drain-1", key=None)
+    next(lines)
+    drain_server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while (
+        refused := post(drain_server, {"model": "tiny", "messages": user("Hi"), "max_tokens": 1}, key=None)
+    ).status_code == 200:
+        assert time.monotonic() < deadline, "new requests were still served 5 s after SIGTERM"
+        time.sleep(0.02)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    rest = list(lines)
+    context.__exit__(None, None, None)
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert drain_server.process.wait(30) == 0
+    assert "generated=1500" in drain_server.access("drain-1")
+
+
+# --- the command and the app factory -------------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_missing_model_and_a_taken_port_in_one_line(tmp_path, server):
+    missing = subprocess.run([sys.executable, "-m", "phi_onnx", "serve", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "error:" in missing.stderr
+    taken = subprocess.run([sys.executable, "-m", "phi_onnx", "serve", str(server.model), "--port", str(server.port)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert taken.returncode == 2 and "in use" in taken.stderr and taken.stderr.strip().count("\n") == 0, taken.stderr
+    bad_dir = subprocess.run([sys.executable, "-m", "phi_onnx", "serve", str(server.model), "--allowed-local-dir",
+                              str(tmp_path / "none")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad_dir.returncode == 2 and "not a folder" in bad_dir.stderr
+
+
+def test_create_app_embeds_in_another_asgi_server(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from phi_onnx.server import ServerSettings, create_app
+
+    app = create_app(tiny_model, ServerSettings(model_name="embedded", threads=1))
+    with TestClient(app) as http_client:
+        assert http_client.get("/v1/models").json()["data"][0]["id"] == "embedded"
+        answer = http_client.post("/v1/chat/completions", json={"model": "embedded", "messages": user("Hi"),
+                                                                "max_tokens": 3})  # fmt: skip
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3

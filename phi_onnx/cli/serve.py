@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
 import click
 
-from phi_onnx.errors import PhiOnnxError
+from phi_onnx.errors import OptionsError, PhiOnnxError
 
 
 @click.command()
@@ -90,16 +92,33 @@ def serve(model: str | None, host: str, port: int, log_level: str, **kw) -> None
         max_frames=kw["max_frames"],
     )
     _logging(log_level)
+    sock = _listen(host, port)  # before the model loads: a taken port is refused at once
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5, server_header=False)  # fmt: skip
     server = _Server(config, app.state.phi, host)
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(sockets=[sock]))
     except PhiOnnxError:
         raise
     if server.failed:
         raise click.exceptions.Exit(2)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn, or a one-line error naming the address and the fix."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        reason = "in use" if err.errno == errno.EADDRINUSE else (err.strerror or str(err)).lower()
+        raise OptionsError(
+            f"cannot listen on {host}:{port} ({reason}): pick another --port, or stop the program that uses it"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _logging(level: str) -> None:

@@ -203,15 +203,20 @@ def check_address(host: str, port: int, allow_private: bool) -> str:
         raise _Refused("does not resolve")
     if not allow_private:
         for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+            if not _is_public(address, port):
                 raise _Refused(
                     "resolves to a private, loopback or link-local address, which this server does not fetch "
                     "(start it with --allow-private-networks to allow them)"
                 )
     return addresses[0]
+
+
+def _is_public(address: str, port: int) -> bool:
+    """Whether an address is on the public internet (not loopback, private, link-local, multicast, reserved)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
 
 def _short(url: str) -> str:

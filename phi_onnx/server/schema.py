@@ -175,8 +175,8 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
         options[constraint[1]] = constraint[2]
     try:
         GenerationOptions.from_mapping(options)
-    except OptionsError as err:
-        raise bad(str(err)) from None
+    except OptionsError as err:  # the one check across fields: min_tokens against max_tokens
+        raise bad(str(err), param="min_tokens" if "min_new_tokens" in str(err) else None) from None
     return options
 
 
@@ -272,8 +272,9 @@ def _number(name: str, value: object, kind: type, low: float, high: float) -> fl
 
 def _check_option(name: str, option: str, value: object) -> None:
     """Our own range of one option (narrower than OpenAI's in places, e.g. top_p > 0), named by its request name."""
+    alone = {option: value, "max_new_tokens": max(1, value)} if option == "min_new_tokens" else {option: value}
     try:
-        GenerationOptions.from_mapping({option: value})
+        GenerationOptions.from_mapping(alone)
     except OptionsError as err:
         raise bad(f"{name}: {err}", param=name) from None
 
