@@ -22,6 +22,8 @@ def test_wheel_has_no_generic_top_level_modules(tmp_path):
     assert tops == {"phi_onnx", "phi_onnx_export", "phi_onnx_bench", wheel.name.split("-")[0] + "-0.1.0.dist-info"}
     assert "phi_onnx/assets/example.jpg" in names, "the example image ships with the package"
     assert "phi_onnx_export/modeling.py" in names
+    for init in sorted((ROOT / "phi_onnx").glob("*/__init__.py")):  # every subpackage ships (server, batch, ...)
+        assert f"phi_onnx/{init.parent.name}/__init__.py" in names, f"pyproject's packages lacks {init.parent.name}"
 
 
 def test_runtime_and_cli_import_without_torch():
