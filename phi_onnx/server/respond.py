@@ -37,6 +37,8 @@ class Run:
         self.stats: dict[str, Any] = {}
         self._closed = False
         self._watch = asyncio.create_task(self._watch_disconnect())
+        remaining = max(0.0, self.deadline - time.perf_counter())
+        self._timer = asyncio.get_running_loop().call_later(remaining, self._expire)
 
     async def first(self) -> tuple:
         """Wait for the job to start; a refused request raises its APIError (the worker's one-line reason)."""
@@ -58,7 +60,7 @@ class Run:
         raise APIError(499, "the client closed the request", code="cancelled")  # event is a cancelled "done"
 
     async def whole(self, first: tuple) -> dict[str, Any]:
-        parts: list[str] = []
+        parts: list[str] = [first[3]]
         try:
             while True:
                 event = await self._next()
@@ -84,6 +86,8 @@ class Run:
 
         try:
             yield event({"role": "assistant", "content": ""})
+            if first[3]:
+                yield event({"content": first[3]})
             while True:
                 try:
                     message = await self._next()
@@ -109,12 +113,14 @@ class Run:
         finally:
             self._close()
 
+    def _expire(self) -> None:
+        """The deadline passed: the next event the route reads says so (before the job's cancelled end)."""
+        self.job.events.put_nowait(("timeout",))
+        self.state.scheduler.cancel(self.job)
+
     async def _next(self) -> tuple:
-        remaining = self.deadline - time.perf_counter()
-        try:
-            return await asyncio.wait_for(self.job.events.get(), max(remaining, 0.001))
-        except TimeoutError:
-            self.state.scheduler.cancel(self.job)
+        event = await self.job.events.get()
+        if event[0] == "timeout":
             self.log["finish"] = "timeout"
             raise APIError(
                 504,
@@ -122,7 +128,8 @@ class Run:
                 "stopped: lower max_tokens or retry later",
                 type="server_error",
                 code="timeout",
-            ) from None
+            )
+        return event
 
     def _done(self, event: tuple) -> None:
         self.stats = {**self.stats, **event[2]}
@@ -149,6 +156,7 @@ class Run:
             return
         self._closed = True
         self._watch.cancel()
+        self._timer.cancel()
         if not self.job.finished:
             self.state.scheduler.cancel(self.job)
         s = self.stats

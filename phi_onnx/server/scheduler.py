@@ -13,9 +13,12 @@ import collections
 import contextlib
 import itertools
 import logging
-import multiprocessing
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 from phi_onnx.errors import ModelError
@@ -93,13 +96,17 @@ class Scheduler:
             raise failures[0]
 
     def _spawn(self) -> asyncio.Future:
-        from phi_onnx.server import worker as worker_module
-
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        process = ctx.Process(target=worker_module.main, args=(child, self.load_kwargs), daemon=True)
-        process.start()
-        child.close()
+        # A fresh interpreter running the worker module, not multiprocessing's spawn: that would re-import the
+        # caller's __main__ (a script that builds the app at top level would start itself again).
+        parent_end, child_end = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "phi_onnx.server.worker", str(child_end.fileno())],
+            pass_fds=[child_end.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        child_end.close()
+        parent = Connection(parent_end.detach())
+        parent.send(self.load_kwargs)
         worker = _Worker(process, parent)
         self._workers.append(worker)
         ready = self._loop.create_future()
@@ -178,7 +185,7 @@ class Scheduler:
         """A worker died: fail its job, and start another in its place unless the server is stopping."""
         job = worker.job
         worker.job = None
-        code = worker.process.exitcode
+        code = worker.process.poll()
         self._remove(worker)
         if ready is not None and not ready.done():
             ready.set_exception(ModelError(f"a worker process exited while loading the model (exit code {code})"))
@@ -207,9 +214,9 @@ class Scheduler:
                 worker.conn.send(("stop",))
         deadline = time.monotonic() + timeout
         for worker in workers:
-            while worker.process.is_alive() and time.monotonic() < deadline:
+            while worker.process.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if worker.process.is_alive():
+            if worker.process.poll() is None:
                 worker.process.kill()
-            worker.process.join(1)
+                worker.process.wait(5)
             self._remove(worker)

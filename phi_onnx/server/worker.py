@@ -7,7 +7,8 @@ once.
 
 Messages, main -> worker: ``("run", job_id, request)``, ``("cancel", job_id)``, ``("stop",)``.
 Worker -> main: ``("ready", info)`` or ``("failed", message)`` once; then per job ``("error", job_id, kind, message)``
-or ``("start", job_id, stats)``, ``("text", job_id, text, generated)`` per token, ``("done", job_id, stats)``.
+or ``("start", job_id, stats, first text)``, ``("text", job_id, text, generated)`` per later token, and
+``("done", job_id, stats)``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,9 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
     except Exception as err:
         conn.send(("error", job_id, "internal", "".join(traceback.format_exception_only(err)).strip()))
         return
-    conn.send(("start", job_id, _stats(first)))
+    conn.send(("start", job_id, _stats(first), first.text))
     chunk = first
     try:
-        _send_text(conn, job_id, chunk)
         for chunk in stream:
             if conn.poll() and (why := _cancelled(conn, job_id)):
                 stream.close()
@@ -154,3 +154,11 @@ def _decoded(messages: list[dict], images: list, max_frames: int, sampling: str)
                     parts.append(part)
             out[i] = {**message, "content": parts}
     return out
+
+
+if __name__ == "__main__":  # started by the scheduler: python -m phi_onnx.server.worker FD
+    import sys
+    from multiprocessing.connection import Connection
+
+    _conn = Connection(int(sys.argv[1]))
+    main(_conn, _conn.recv())
