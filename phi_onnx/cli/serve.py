@@ -148,21 +148,23 @@ class _Server:
                 bound = [s.getsockname() for srv in self.servers for s in srv.sockets] if self.servers else []
                 port = bound[0][1] if bound else config.port
                 shown = f"[{host}]" if ":" in host else host
-                logging.getLogger("phi_onnx.server").warning(
-                    "phi-onnx serve: ready on http://%s:%s (model %r, %d worker%s, %s)",
-                    shown, port, state.name, state.settings.parallel, "" if state.settings.parallel == 1 else "s",
-                    "API key required" if state.settings.api_key else "no API key",
-                )  # fmt: skip
+                workers = state.settings.parallel
+                click.echo(
+                    f"phi-onnx serve: ready on http://{shown}:{port} (model {state.name!r}, {workers} worker"
+                    f"{'' if workers == 1 else 's'}, {'API key required' if state.settings.api_key else 'no API key'})",
+                    err=True,
+                )
 
             def handle_exit(self, sig, frame) -> None:
                 if state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
                     self.force_exit = self.should_exit = True
                     return
                 state.drain()
-                logging.getLogger("phi_onnx.server").warning(
-                    "draining: refusing new requests, waiting up to %g s for %d running", state.settings.grace_s,
-                    state.scheduler.running + state.scheduler.queue_depth,
-                )  # fmt: skip
+                click.echo(
+                    f"phi-onnx serve: draining: new requests get 503; waiting up to {state.settings.grace_s:g} s for "
+                    f"{state.scheduler.running + state.scheduler.queue_depth} running",
+                    err=True,
+                )
                 deadline = time.monotonic() + state.settings.grace_s
 
                 async def wait() -> None:

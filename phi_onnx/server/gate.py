@@ -32,6 +32,7 @@ class Gate:
         request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex[:24]
         scope["phi.request_id"] = request_id
         entry = scope.setdefault("phi.log", {})
+        entry["hold"] = hold = _Hold(lambda: _access(request_id, scope, status["code"], entry, started))
         status = {"code": 500, "started": False}
 
         async def send_with_id(message) -> None:
@@ -57,7 +58,7 @@ class Gate:
             route = path if path in _ROUTES or path.startswith("/v1/models/") else "other"
             route = "/v1/models" if route.startswith("/v1/models/") else route
             self.state.metrics.requests.labels(route, str(status["code"])).inc()
-            _access(request_id, scope, status["code"], entry, started)
+            hold.release()  # writes the access line now, or when a cancelled generation has reported its end
 
     def _refusal(self, scope, path: str) -> tuple[int, dict, dict] | None:
         if scope.get("method") == "OPTIONS":
@@ -79,6 +80,21 @@ class Gate:
             )
             return 401, _body(message, "invalid_request_error", "invalid_api_key"), {}
         return None
+
+
+class _Hold:
+    """Calls ``done`` once every holder has released it (the response, and a generation still winding down)."""
+
+    def __init__(self, done) -> None:
+        self.count, self.done = 1, done
+
+    def acquire(self) -> None:
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.done()
 
 
 def _body(message: str, kind: str, code: str | None) -> dict:

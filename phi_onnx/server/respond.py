@@ -151,14 +151,36 @@ class Run:
                 return
 
     def _close(self) -> None:
-        """Stop watching, cancel the job if it still runs, and record the request's numbers."""
+        """Stop watching and the deadline; a job still running is cancelled and recorded once its worker says how far
+        it got (so the access log and the metrics count the tokens really generated)."""
         if self._closed:
             return
         self._closed = True
         self._watch.cancel()
         self._timer.cancel()
-        if not self.job.finished:
-            self.state.scheduler.cancel(self.job)
+        if self.job.finished:
+            self._record()
+            return
+        self.state.scheduler.cancel(self.job)
+        hold = self.log.get("hold")
+        if hold is not None:
+            hold.acquire()  # the access line waits for the job's real end
+        asyncio.get_running_loop().create_task(self._settle(hold))
+
+    async def _settle(self, hold) -> None:
+        try:
+            while True:
+                event = await self.job.events.get()
+                if event[0] in ("done", "error"):
+                    if event[0] == "done":
+                        self._done(event)
+                    break
+        finally:
+            self._record()
+            if hold is not None:
+                hold.release()
+
+    def _record(self) -> None:
         s = self.stats
         queue_wait = (self.job.started_at - self.job.queued_at) if self.job.started_at else None
         self.log.update(
