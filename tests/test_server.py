@@ -496,21 +496,30 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_worker_at_once(server):
     assert generated < 50_000 and "finish=disconnected" in line, line  # stopped long before max_tokens
 
 
+def test_a_request_over_its_deadline_is_stopped(tiny_model_dir, tmp_path):
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--request-timeout", "1")
+    try:
+        _, context, _, lines = _stream_lines(proc, LONG, "slow-1", key=None)
+        events = list(lines)
+        context.__exit__(None, None, None)
+        assert json.loads(events[-1][6:])["error"]["code"] == "timeout"  # an error event ends the stream
+        whole = post(proc, LONG, key=None)
+        assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
+        assert "finish=timeout" in proc.access("slow-1")
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
 @pytest.fixture()
 def drain_server(tiny_model_dir, tmp_path):
-    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--request-timeout", "3", "--grace", "20")
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--grace", "30")
     yield proc
     proc.stop(signal.SIGKILL)
 
 
-def test_deadline_worker_crash_and_sigterm_drain(drain_server):
+def test_worker_crash_and_sigterm_drain(drain_server):
     import psutil
 
-    # A request over its deadline ends with an error event in the stream.
-    _, context, _, lines = _stream_lines(drain_server, LONG, "slow-1", key=None)
-    events = list(lines)
-    context.__exit__(None, None, None)
-    assert json.loads(events[-1][6:])["error"]["code"] == "timeout"
     # A worker that dies mid-request: that request gets a 500 with its id, the next one is served by a new worker.
     crash = {}
     body = {**LONG, "max_tokens": 50_000, "min_tokens": 50_000}
@@ -528,7 +537,7 @@ def test_deadline_worker_crash_and_sigterm_drain(drain_server):
     again = post(drain_server, {"model": "tiny", "messages": user("Hi"), "max_tokens": 2}, key=None)
     assert again.status_code == 200, again.text
     # SIGTERM: the running request finishes, new ones get 503, and the process exits 0.
-    body = {"model": "tiny", "messages": user("Go on."), "max_tokens": 1500, "min_tokens": 1500}
+    body = {"model": "tiny", "messages": user("Go on."), "max_tokens": 4000, "min_tokens": 4000}
     _, context, _response, lines = _stream_lines(drain_server, body, "drain-1", key=None)
     next(lines)
     drain_server.process.send_signal(signal.SIGTERM)
@@ -543,7 +552,7 @@ def test_deadline_worker_crash_and_sigterm_drain(drain_server):
     context.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert drain_server.process.wait(30) == 0
-    assert "generated=1500" in drain_server.access("drain-1")
+    assert "generated=4000" in drain_server.access("drain-1")
 
 
 # --- the command and the app factory -------------------------------------------------------------------------------
