@@ -581,3 +581,12 @@ def test_create_app_embeds_in_another_asgi_server(tiny_model):
         answer = http_client.post("/v1/chat/completions", json={"model": "embedded", "messages": user("Hi"),
                                                                 "max_tokens": 3})  # fmt: skip
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_exact_prompt_limit_and_the_default_max_tokens(server, example_image):
+    long_text = "word " * 5000  # no image: the header check passes, the exact count refuses it before the prompt pass
+    response = post(server, {"model": "tiny", "messages": user(long_text), "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert "limit of 4,000" in response.json()["error"]["message"]
+    default = post(server, {"model": "tiny", "messages": user("Hi"), "min_tokens": 1100})
+    assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] == 1100

@@ -154,7 +154,6 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
     for name, value in given.items():
         options["max_new_tokens"] = _number(name, value, int, 1, 131072)
         _check_option(name, "max_new_tokens", options["max_new_tokens"])
-    options.setdefault("max_new_tokens", default_max_tokens)
     for name, (option, kind, low, high) in _NUMBERS.items():
         value = body.get(name)
         if value is not None:
@@ -164,6 +163,7 @@ def _options(body: dict, default_max_tokens: int) -> dict[str, Any]:
             if option == "seed":  # og takes a 31-bit seed; the same request seed still gives the same text
                 options[option] %= 2**31 - 1
             _check_option(name, option, options[option])
+    options.setdefault("max_new_tokens", max(default_max_tokens, options.get("min_new_tokens", 0)))
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

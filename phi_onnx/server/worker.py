@@ -54,21 +54,23 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
     try:
         messages = _decoded(request["messages"], request["images"], model.max_frames, model.frame_sampling)
         options = request["options"]
-        if request.get("max_tokens_default"):  # no max_tokens given: the default, capped by the context left
-            probe = GenerationOptions.from_mapping(options, max_new_tokens=max(1, options.get("min_new_tokens", 0)))
-            room = model.context_length - model.prepare(messages=messages, options=probe).prompt_tokens
-            options = {**options, "max_new_tokens": max(1, min(options["max_new_tokens"], room))}
-        stream = model.stream(messages=messages, options=options)
         limit = request.get("max_prompt_tokens")
+        if request.get("max_tokens_default") or limit is not None:
+            # The prompt's exact length before the prompt pass (the HD transform done here is reused by stream()).
+            probe = GenerationOptions.from_mapping(options, max_new_tokens=max(1, options.get("min_new_tokens", 0)))
+            prompt_tokens = model.prepare(messages=messages, options=probe).prompt_tokens
+            if limit is not None and prompt_tokens > limit:
+                message = (
+                    f"the prompt is {prompt_tokens:,} tokens, over this server's limit of {limit:,}: shorten it or "
+                    "send fewer or smaller images"
+                )
+                conn.send(("error", job_id, "ContextLengthError", message))
+                return None
+            if request.get("max_tokens_default"):  # no max_tokens given: the default, capped by the context left
+                room = model.context_length - prompt_tokens
+                options = {**options, "max_new_tokens": max(1, min(options["max_new_tokens"], room))}
+        stream = model.stream(messages=messages, options=options)
         first = next(stream)
-        if limit is not None and first.prompt_tokens > limit:
-            stream.close()
-            message = (
-                f"the prompt is {first.prompt_tokens:,} tokens, over this server's limit of {limit:,}: shorten it "
-                "or send fewer or smaller images"
-            )
-            conn.send(("error", job_id, "ContextLengthError", message))
-            return
     except StopIteration:  # pragma: no cover - a stream always yields its final chunk
         conn.send(("error", job_id, "RuntimeError", "the generation ended before it started"))
         return
