@@ -2,6 +2,7 @@
 
 from phi_onnx.chat import Chat
 from phi_onnx.errors import (
+    BatchError,
     ContextLengthError,
     DependencyError,
     ExportError,
@@ -21,6 +22,7 @@ from phi_onnx.options import GenerationOptions
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchError",
     "Chat",
     "Chunk",
     "ContextLengthError",

@@ -32,6 +32,10 @@ class OutputError(PhiOnnxError, ValueError):
     """The generated text is not what was asked for (e.g. not JSON, or cut off before the value was complete)."""
 
 
+class BatchError(PhiOnnxError, ValueError):
+    """A batch job's input or output file is unusable (missing, of an unknown kind, duplicate ids, not our results)."""
+
+
 class ModelError(PhiOnnxError, ValueError):
     """A model folder is missing, incomplete, or not a phi3v model."""
 

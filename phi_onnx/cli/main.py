@@ -448,6 +448,7 @@ def info(model: str | None, as_json: bool) -> None:
 
 
 def _register_optional() -> None:
+    from phi_onnx.cli.batch import batch
     from phi_onnx.cli.bench import bench
     from phi_onnx.cli.export import export
     from phi_onnx.cli.serve import serve
@@ -455,6 +456,7 @@ def _register_optional() -> None:
     main.add_command(export)
     main.add_command(bench)
     main.add_command(serve)
+    main.add_command(batch)
 
 
 _register_optional()

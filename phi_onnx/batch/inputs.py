@@ -1,0 +1,323 @@
+"""What a batch job reads: a folder of images, a JSONL file of requests, or a CSV with an image column.
+
+Every input becomes a :class:`Request` with a unique id. A line or row that is unusable (not JSON, an unknown field,
+a remote URL) becomes a request that carries its error, so it gets its own result line and never stops the job.
+The operator of a batch job is trusted: local paths are read, relative to the JSONL or CSV file.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi_onnx.errors import BatchError
+from phi_onnx.images import shorten
+from phi_onnx.options import GenerationOptions
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi"})
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "url")
+_OPTION_NAMES = frozenset(f for f in GenerationOptions.__dataclass_fields__)
+_RECORD_KEYS = frozenset(
+    {"id", "custom_id", "prompt", "image", "images", "messages", "system", "body", "method", "url"}
+)
+_OPENAI_OPTIONS = {  # OpenAI chat-completions names -> GenerationOptions names
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+}
+_OPENAI_IGNORED = frozenset({"model", "n", "stream", "user", "metadata", "store"})
+
+
+@dataclass(frozen=True)
+class Request:
+    """One input of a batch job.
+
+    Attributes:
+        id: Unique within the job; the result line carries it, and a rerun skips ids already written.
+        prompt: The question (with ``images``), or None with ``messages``.
+        images: Image or video sources: absolute paths or data: URLs.
+        messages: OpenAI-style messages instead of prompt and images.
+        system: A system prompt (with ``prompt``).
+        options: Generation options for this request only (over the job's defaults).
+        error: Why this input is unusable (it then gets an error line without running the model).
+        error_type: The error's class name.
+    """
+
+    id: str
+    prompt: str | None = None
+    images: tuple[str, ...] = ()
+    messages: list[Any] | None = None
+    system: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_type: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Request:
+        data = json.loads(text)
+        data["images"] = tuple(data["images"])
+        return cls(**data)
+
+
+def read_requests(
+    source: str | os.PathLike,
+    *,
+    prompt: str | None = None,
+    system: str | None = None,
+    image_column: str | None = None,
+) -> list[Request]:
+    """Read a batch job's inputs.
+
+    Args:
+        source: A folder (every image and video file under it, sorted by path), a ``.jsonl`` file of requests, or a
+            ``.csv`` file with an image column.
+        prompt: The prompt for folder items, and for JSONL / CSV items that give none.
+        system: A system prompt for items in prompt form that give none.
+        image_column: The CSV column with image paths (default: the first of image, image_path, path, file,
+            filename, url).
+
+    Returns:
+        The requests in input order, ids unique.
+
+    Raises:
+        BatchError: The source is missing, of an unknown kind, empty, or has duplicate ids.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not prompt:
+            raise BatchError(f"{str(path)!r} is a folder of images: give the question with --prompt")
+        requests = list(_folder(path, prompt, system))
+    elif not path.exists():
+        raise BatchError(f"batch input {str(path)!r} does not exist: give a folder, a .jsonl or a .csv file")
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        requests = list(_jsonl(path, prompt, system))
+    elif path.suffix.lower() == ".csv":
+        requests = list(_csv(path, prompt, system, image_column))
+    else:
+        raise BatchError(
+            f"batch input {str(path)!r} is neither a folder nor a .jsonl or .csv file: rename it or convert it"
+        )
+    if not requests:
+        raise BatchError(f"batch input {str(path)!r} holds no items: add images or request lines")
+    _check_unique(requests, path)
+    return requests
+
+
+def _folder(folder: Path, prompt: str, system: str | None) -> Iterator[Request]:
+    media = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in media and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    for file in files:
+        if file.is_file():
+            yield Request(id=file.relative_to(folder).as_posix(), prompt=prompt, images=(str(file),), system=system)
+
+
+def _jsonl(path: Path, prompt: str | None, system: str | None) -> Iterator[Request]:
+    base = path.parent.resolve()
+    with _opened(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"line {number}"
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                yield _bad(f"line-{number}", f"{where} is not JSON ({err}): write one JSON object per line")
+                continue
+            if not isinstance(record, dict):
+                yield _bad(f"line-{number}", f"{where} is a JSON {type(record).__name__}, not an object")
+                continue
+            yield _from_record(record, f"line-{number}", where, base, prompt, system)
+
+
+def _csv(path: Path, prompt: str | None, system: str | None, image_column: str | None) -> Iterator[Request]:
+    base = path.parent.resolve()
+    with _opened(path) as lines:
+        reader = csv.DictReader(lines)
+        columns = reader.fieldnames or []
+        column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+        if column is None or column not in columns:
+            wanted = f"column {image_column!r}" if image_column else f"an image column ({', '.join(IMAGE_COLUMNS)})"
+            raise BatchError(
+                f"{str(path)!r} has no {wanted}; its columns are {', '.join(map(repr, columns)) or 'none'}: "
+                "name the column with --image-column"
+            )
+        for number, row in enumerate(reader, 1):
+            record: dict[str, Any] = {"image": row.get(column) or ""}
+            if row.get("id"):
+                record["id"] = row["id"]
+            if row.get("prompt"):
+                record["prompt"] = row["prompt"]
+            yield _from_record(record, f"row-{number}", f"row {number}", base, prompt, system)
+
+
+class _opened:
+    """A text file opened for reading, with a BatchError (not a traceback) when it cannot be."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, encoding="utf-8", newline="")
+        except OSError as err:
+            raise BatchError(f"cannot read {str(self.path)!r} ({err.strerror}): check the path") from err
+        return _decoded(self.file, self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def _decoded(file, path: Path) -> Iterator[str]:
+    try:
+        yield from file
+    except UnicodeDecodeError as err:
+        where = f"{err.reason} at byte {err.start}"
+        raise BatchError(f"{str(path)!r} is not UTF-8 text ({where}): save it as UTF-8") from err
+
+
+def _from_record(
+    record: dict[str, Any], default_id: str, where: str, base: Path, prompt: str | None, system: str | None
+) -> Request:
+    """A request from a JSON object (or a CSV row); an unusable record becomes a request carrying its error."""
+    raw_id = record.get("id", record.get("custom_id", default_id))
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or str(raw_id) == "":
+        return _bad(default_id, f"{where}: id must be a non-empty string or a number, got {raw_id!r}")
+    rid = str(raw_id)
+    try:
+        return _parse(record, rid, where, base, prompt, system)
+    except _Unusable as err:
+        return _bad(rid, str(err))
+
+
+class _Unusable(ValueError):
+    """An input record that cannot run: it becomes that item's error line."""
+
+
+def _parse(record: dict, rid: str, where: str, base: Path, prompt: str | None, system: str | None) -> Request:
+    options: dict[str, Any] = {}
+    if "body" in record:  # OpenAI's batch format: {"custom_id", "method", "url", "body": {chat completion request}}
+        body = record["body"]
+        if not isinstance(body, dict):
+            raise _Unusable(f"{where}: body must be a chat-completions request object")
+        record = {**{k: v for k, v in record.items() if k != "body"}, **_openai_body(body, where, options)}
+    for key, value in record.items():
+        if key in _OPTION_NAMES:
+            options[key] = value
+        elif key in _OPENAI_OPTIONS:
+            options[_OPENAI_OPTIONS[key]] = value
+        elif key not in _RECORD_KEYS:
+            known = sorted(_RECORD_KEYS | _OPTION_NAMES)
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise _Unusable(
+                f"{where}: unknown field {key!r}: "
+                + (f"did you mean {hint[0]!r}?" if hint else f"use {', '.join(known)}")
+            )
+    messages = record.get("messages")
+    images = record.get("images", [])
+    if "image" in record:
+        images = [record["image"], *(images if isinstance(images, list) else [images])]
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise _Unusable(f"{where}: images must be a list of paths or URLs")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise _Unusable(f"{where}: messages must be a list of {{'role', 'content'}} objects")
+        if "prompt" in record or images or "system" in record:
+            raise _Unusable(f"{where}: give either messages, or a prompt with images, not both")
+        return Request(id=rid, messages=_resolve_messages(messages, where, base), options=options)
+    text = record.get("prompt", prompt)
+    if not isinstance(text, str) or not text:
+        raise _Unusable(f"{where}: no prompt: give a 'prompt' field, or --prompt for the whole job")
+    sources = tuple(_resolve(s, f"{where} image {i + 1}", base) for i, s in enumerate(images))
+    return Request(id=rid, prompt=text, images=sources, system=record.get("system", system), options=options)
+
+
+def _openai_body(body: dict[str, Any], where: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a chat-completions body phi-onnx honours; response_format becomes json_schema."""
+    out = {k: v for k, v in body.items() if k not in _OPENAI_IGNORED and k != "response_format"}
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise _Unusable(f"{where}: response_format json_schema needs {{'json_schema': {{'schema': ...}}}}")
+        options["json_schema"] = spec["schema"]
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        options["json_schema"] = {"type": "object"}
+    elif fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _Unusable(f"{where}: response_format {shorten(repr(fmt))} is not text, json_object or json_schema")
+    return out
+
+
+def _resolve_messages(messages: Sequence[Any], where: str, base: Path) -> list[Any]:
+    """Messages with every image source made absolute (relative paths are relative to the input file)."""
+    out = []
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            out.append(message)  # the model checks the rest and says what is wrong
+            continue
+        parts = []
+        for p, part in enumerate(content):
+            label = f"{where} message {m} part {p}"
+            if isinstance(part, Mapping) and part.get("type") == "image_url":
+                value = part.get("image_url")
+                url = value.get("url") if isinstance(value, Mapping) else value
+                if isinstance(url, str) and url:
+                    part = {**part, "image_url": {"url": _resolve(url, label, base)}}
+            elif isinstance(part, Mapping) and part.get("type") == "image" and isinstance(part.get("image"), str):
+                part = {**part, "image": _resolve(part["image"], label, base)}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
+
+
+def _resolve(source: str, where: str, base: Path) -> str:
+    """An image source a batch job reads: a data: URL, or a local path (relative to the input file's folder)."""
+    if not source.strip():
+        raise _Unusable(f"{where}: the image path is empty: give a path or a data: URL")
+    lowered = source[:8].lower()
+    if lowered.startswith("data:"):
+        return source
+    if lowered.startswith(("http://", "https://")):
+        raise _Unusable(
+            f"{where}: remote URL {shorten(source)!r} is not fetched by batch jobs: download the images and give "
+            "their paths (relative to the input file) or data: URLs"
+        )
+    if lowered.startswith("file://"):
+        source = source[7:]
+    elif "://" in source[:16]:
+        raise _Unusable(f"{where}: {shorten(source)!r} is not a path or a data: URL")
+    return str((base / os.path.expanduser(source)).resolve())
+
+
+def _bad(rid: str, message: str) -> Request:
+    return Request(id=rid, error=message, error_type="BatchError")
+
+
+def _check_unique(requests: list[Request], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        if request.id in seen:
+            raise BatchError(
+                f"id {shorten(request.id)!r} appears twice in {str(path)!r} (items {seen[request.id] + 1} and "
+                f"{index + 1}): ids must be unique so a rerun can skip finished items"
+            )
+        seen[request.id] = index

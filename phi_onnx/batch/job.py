@@ -1,0 +1,315 @@
+"""Resumable batch jobs: one result line per input, written as each completes, skipped on a rerun.
+
+The output is JSON Lines. Each line is written with a single ``write`` on a file opened for appending and reaches the
+operating system before the next item starts, so a killed job loses at most the item in flight. On a rerun the ids
+already in the file are skipped; a half-written last line (the process died inside ``write``) is cut off and its item
+runs again, so nothing is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from phi_onnx.batch.inputs import Request
+from phi_onnx.errors import BatchError, PhiOnnxError
+from phi_onnx.images import shorten
+from phi_onnx.options import GenerationOptions
+
+_NUMBERS = (
+    "finish_reason",
+    "prompt_tokens",
+    "image_tokens",
+    "generated_tokens",
+    "time_to_first_token_ms",
+    "preprocess_ms",
+    "decode_tokens_per_s",
+    "elapsed_ms",
+    "num_crops",
+)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a run of a batch job did.
+
+    Attributes:
+        total: Items in the input.
+        skipped: Items already in the output from an earlier run, not run again.
+        done: Items answered in this run.
+        failed: Of those, how many have an error line.
+        seconds: Wall time of this run's items.
+        repaired: Whether a half-written last line was cut off the output.
+    """
+
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    repaired: bool = False
+
+    @property
+    def items_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def answer(model: Any, request: Request, defaults: GenerationOptions) -> dict[str, Any]:
+    """Run one request and return its result line (a dict). Errors of the request are the line's error, not raised.
+
+    Args:
+        model: A loaded :class:`phi_onnx.PhiVision`.
+        request: The request.
+        defaults: The job's generation options; the request's own options override them.
+
+    Returns:
+        ``{"id", "answer", <token counts and timings>, "error": None}``, with ``answer`` the parsed JSON value when
+        the request has a ``json_schema``; or ``{"id", "answer": None, "error", "error_type"}``.
+    """
+    if request.error is not None:
+        return _error_line(request.id, request.error_type or "BatchError", request.error)
+    try:
+        opts = defaults.updated(request.options) if request.options else defaults
+        if request.messages is not None:
+            result = model.generate(messages=request.messages, options=opts)
+        else:
+            result = model.generate(request.prompt, list(request.images), system=request.system, options=opts)
+    except PhiOnnxError as err:
+        return _error_line(request.id, type(err).__name__, str(err))
+    except Exception as err:  # one item's unexpected failure is recorded on its line, with its type
+        return _error_line(request.id, type(err).__name__, f"unexpected error: {err}")
+    line: dict[str, Any] = {"id": request.id, "answer": result.text}
+    line.update({name: getattr(result, name) for name in _NUMBERS})
+    if result.frame_times:
+        line["frame_times"] = list(result.frame_times)
+    line["error"] = None
+    if opts.json_schema is not None:
+        try:
+            line["answer"] = result.json()
+        except PhiOnnxError as err:
+            line.update(answer=None, text=result.text, error=str(err), error_type=type(err).__name__)
+    return line
+
+
+def _error_line(rid: str, kind: str, message: str) -> dict[str, Any]:
+    return {"id": rid, "answer": None, "error": " ".join(message.split()), "error_type": kind}
+
+
+class ResultFile:
+    """The job's JSONL output, opened for appending after reading which ids it already holds.
+
+    Use as a context manager; :attr:`done` holds the ids already written and :meth:`write` appends one line.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.done: set[str] = set()
+        self.failed_before = 0
+        self.repaired = False
+        self._fd: int | None = None
+
+    def __enter__(self) -> ResultFile:
+        if self.path.is_dir():
+            raise BatchError(f"--output {str(self.path)!r} is a folder: give a .jsonl file path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise BatchError(f"cannot open --output {str(self.path)!r} ({err.strerror}): check the path") from err
+        try:
+            _lock(self._fd, self.path)
+            self._scan()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _scan(self) -> None:
+        with open(self._fd, "rb", closefd=False) as file:
+            data = file.read()
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        if tail:  # a line cut short by a killed process: drop it, its item runs again
+            if not tail.lstrip().startswith(b'{"id"'):
+                raise BatchError(
+                    f"--output {str(self.path)!r} ends with text that is not a result line: is it the right file? "
+                    "Give a new path, or the JSONL an earlier phi-onnx batch run wrote"
+                )
+            os.ftruncate(self._fd, end)
+            self.repaired = True
+        for number, raw in enumerate(data[:end].splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+                rid = line["id"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise BatchError(
+                    f"--output {str(self.path)!r} line {number} is not a phi-onnx batch result "
+                    f"({shorten(raw.decode('utf-8', 'replace'), 60)!r}): give a new path, or the JSONL an earlier "
+                    "run wrote"
+                ) from err
+            self.done.add(str(rid))
+            self.failed_before += line.get("error") is not None
+
+    def write(self, line: Mapping[str, Any] | str) -> None:
+        """Append one result line (a dict, or its JSON text) with a single write; it is in the file on return."""
+        text = line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)
+        data = (text.rstrip("\n") + "\n").encode("utf-8")
+        if self._fd is None:
+            raise BatchError("the result file is closed")
+        view = memoryview(data)
+        while view:  # a regular file takes the whole line in one write; the loop covers signals mid-write
+            view = view[os.write(self._fd, view) :]
+
+
+def _lock(fd: int, path: Path) -> None:
+    """One job per output file: two writers would duplicate lines."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks through fcntl; run one job per output file
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        raise BatchError(
+            f"another phi-onnx batch job is writing {str(path)!r}: wait for it, or give a different --output"
+        ) from err
+
+
+class Progress:
+    """A one-line progress report on stderr: items, items/s, ETA and failures.
+
+    On a terminal the line is redrawn in place (at most 10 times a second); otherwise a line is printed every
+    ``every_s`` seconds, so logs stay short.
+    """
+
+    def __init__(self, total: int, *, stream: IO[str] | None = None, enabled: bool = True, every_s: float = 10.0):
+        self.total = total
+        self.count = 0
+        self.failed = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s = 0.1 if self.tty else every_s
+        self.start = time.perf_counter()
+        self._shown = 0.0
+
+    def update(self, failed: bool) -> None:
+        self.count += 1
+        self.failed += failed
+        now = time.perf_counter()
+        if now - self._shown >= self.every_s or self.count == self.total:
+            self._shown = now
+            self._show(now)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.count) / rate if rate > 0 else float("nan")
+        eta = _clock(left) if left == left else "?"
+        pct = 100 * self.count / self.total if self.total else 100
+        return (
+            f"batch: {self.count}/{self.total} items ({pct:.0f}%), {rate:.2f} items/s, ETA {eta}, {self.failed} failed"
+        )
+
+    def _show(self, now: float) -> None:
+        if not self.enabled:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(("\r\x1b[2K" if self.tty else "") + self.line(now) + ("" if self.tty else "\n"))
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.count:
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.write("\n")
+
+
+def _clock(left: float) -> str:
+    seconds: int = round(left)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def run_job(
+    model: Any,
+    requests: Iterable[Request],
+    output: str | os.PathLike,
+    *,
+    options: GenerationOptions | Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> JobSummary:
+    """Answer every request not already in ``output``, appending one line per request as it completes.
+
+    Args:
+        model: A loaded :class:`phi_onnx.PhiVision`.
+        requests: From :func:`phi_onnx.batch.read_requests` (ids unique).
+        output: The JSONL result file; created, or resumed when it exists.
+        options: The job's generation options (each request's own options override them).
+        progress: Show the progress line on stderr.
+        log: Where to say what the job found (items, already done); default stderr.
+
+    Returns:
+        A :class:`JobSummary`.
+
+    Raises:
+        BatchError: The output cannot be opened, is another job's, or is not a batch result file.
+    """
+    defaults = _defaults(model, options)
+    requests = list(requests)
+    with ResultFile(output) as out:
+        pending = [r for r in requests if r.id not in out.done]
+        _say(log, _plan(len(requests), len(requests) - len(pending), out))
+        bar = Progress(len(pending), enabled=progress)
+        start = time.perf_counter()
+        try:
+            for request in pending:
+                line = answer(model, request, defaults)
+                out.write(line)
+                bar.update(line["error"] is not None)
+        finally:
+            bar.close()
+        return JobSummary(
+            len(requests), len(requests) - len(pending), bar.count, bar.failed, time.perf_counter() - start,
+            out.repaired,
+        )  # fmt: skip
+
+
+def _defaults(model: Any, options: GenerationOptions | Mapping[str, Any] | None) -> GenerationOptions:
+    if options is None:
+        return model.options
+    if isinstance(options, GenerationOptions):
+        return options
+    return model.options.updated(options)
+
+
+def _plan(total: int, skipped: int, out: ResultFile) -> str:
+    text = f"batch: {total} items, {skipped} already in {out.path}"
+    if out.repaired:
+        text += " (a half-written last line was cut off; its item runs again)"
+    return f"{text}, {total - skipped} to do"
+
+
+def _say(log: Callable[[str], None] | None, text: str) -> None:
+    if log is not None:
+        log(text)
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
