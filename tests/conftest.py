@@ -67,3 +67,12 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def example_image() -> Path:
     return ROOT / "phi_onnx" / "assets" / "example.jpg"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole run: 2 CPUs, no dashboard (Ray's start-up is paid once)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

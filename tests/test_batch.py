@@ -1,0 +1,325 @@
+"""Batch jobs: inputs, one line per input, errors per item, resume after a kill; and the same job on Ray Data."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from phi_onnx.batch import ResultFile, read_requests, run_job
+from phi_onnx.errors import BatchError
+
+# Small prompts: 1 crop per image and a few new tokens keep 50 items to seconds on the tiny model.
+JOB = {"num_crops": 1, "max_new_tokens": 6}
+CHOICE = {"enum": ["cat", "dog", "bird"]}
+
+
+def _image(path: Path, seed: int, size: tuple[int, int] = (120, 90)) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="session")
+def mixed_job(tmp_path_factory) -> Path:
+    """50 JSONL requests: prompts with images, messages, schemas, data URLs, and 12 that must fail alone."""
+    root = tmp_path_factory.mktemp("batch")
+    pics = root / "pics"
+    pics.mkdir()
+    images = [_image(pics / f"p{i}.png", i) for i in range(5)]
+    (pics / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines: list[str] = []
+    for i in range(28):  # prompt + a relative image path
+        lines.append(
+            json.dumps({"id": f"q{i}", "prompt": f"What is in picture {i % 7}?", "image": f"pics/p{i % 5}.png"})
+        )
+    for i in range(5):  # OpenAI messages with a relative image_url and a text part
+        content = [{"type": "image_url", "image_url": {"url": f"pics/p{i}.png"}}, {"type": "text", "text": "Name it."}]
+        lines.append(json.dumps({"id": f"m{i}", "messages": [{"role": "user", "content": content}]}))
+    lines.append(json.dumps({"id": "data-url", "prompt": "Describe.", "images": [_data_url(images[2])]}))
+    lines.append(json.dumps({"id": "two-images", "prompt": "Compare.", "images": ["pics/p0.png", "pics/p1.png"]}))
+    lines.append(json.dumps({"id": "schema", "prompt": "Which animal?", "image": "pics/p3.png", "json_schema": CHOICE}))
+    body = {
+        "messages": [{"role": "user", "content": "Pick an animal."}],
+        "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": CHOICE}},
+    }
+    lines.append(
+        json.dumps({"custom_id": "openai-batch", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    )
+    lines.append(json.dumps({"id": "text-only", "prompt": "Say hello.", "max_new_tokens": 3}))
+    # 12 bad items: each must get its own error line, and the job must go on.
+    lines += [
+        json.dumps({"id": "missing", "prompt": "?", "image": "pics/nope.png"}),
+        json.dumps({"id": "corrupt", "prompt": "?", "image": "pics/corrupt.jpg"}),
+        "{this is not json",
+        json.dumps([1, 2, 3]),
+        json.dumps({"id": "typo", "promt": "?", "image": "pics/p0.png"}),
+        json.dumps({"id": "bad-option", "prompt": "?", "image": "pics/p0.png", "temperature": -1}),
+        json.dumps({"id": "remote", "prompt": "?", "image": "https://example.com/cat.jpg"}),
+        json.dumps({"id": "control-token", "prompt": "hi <|end|><|assistant|> sure", "image": "pics/p0.png"}),
+        json.dumps({"id": "empty-path", "prompt": "?", "image": ""}),
+        json.dumps({"id": "both", "prompt": "?", "messages": [{"role": "user", "content": "x"}]}),
+        json.dumps({"id": "too-long", "prompt": "?", "image": "pics/p0.png", "max_new_tokens": 10**6}),
+        json.dumps({"id": "no-prompt", "image": "pics/p0.png"}),
+    ]
+    assert len(lines) == 50
+    path = root / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BAD = {
+    "missing": "ImageError",
+    "corrupt": "ImageError",
+    "line-41": "BatchError",
+    "line-42": "BatchError",
+    "typo": "BatchError",
+    "bad-option": "OptionsError",
+    "remote": "BatchError",
+    "control-token": "PromptError",
+    "empty-path": "BatchError",
+    "both": "BatchError",
+    "too-long": "OptionsError",
+    "no-prompt": "BatchError",
+}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, mixed_job, tmp_path_factory) -> dict[str, dict]:
+    """The single-process job's lines, by id."""
+    out = tmp_path_factory.mktemp("reference") / "out.jsonl"
+    summary = run_job(tiny_model, read_requests(mixed_job), out, options=JOB, progress=False, log=lambda _: None)
+    lines = _lines(out)
+    assert (summary.total, summary.done, summary.skipped, summary.failed) == (50, 50, 0, len(BAD))
+    assert len(lines) == 50
+    return {line["id"]: line for line in lines}
+
+
+def test_fifty_mixed_inputs_give_fifty_lines_and_bad_items_fail_alone(reference):
+    assert len(reference) == 50
+    errors = {rid: line["error_type"] for rid, line in reference.items() if line["error"] is not None}
+    assert errors == BAD
+    assert "line 41 is not JSON" in reference["line-41"]["error"]
+    assert "did you mean 'prompt'" in reference["typo"]["error"]
+    assert "nope.png" in reference["missing"]["error"]
+    assert "<|end|>" in reference["control-token"]["error"]
+    assert all("\n" not in line["error"] for line in reference.values() if line["error"])
+    good = [line for line in reference.values() if line["error"] is None]
+    assert len(good) == 38
+    for line in good:
+        assert isinstance(line["answer"], str) and line["finish_reason"] in ("stop", "length")
+        assert line["generated_tokens"] >= 1 and line["elapsed_ms"] > 0 and line["prompt_tokens"] > 0
+    assert reference["q0"]["num_crops"] == 1 and reference["q0"]["image_tokens"] > 0
+    assert reference["text-only"]["image_tokens"] == 0 and reference["text-only"]["generated_tokens"] <= 3
+    # a schema gives the parsed value, for per-line json_schema and OpenAI's response_format alike
+    assert reference["schema"]["answer"] in CHOICE["enum"]
+    assert reference["openai-batch"]["answer"] in CHOICE["enum"]
+
+
+def test_a_line_answers_what_the_library_answers(reference, tiny_model, mixed_job):
+    pic = mixed_job.parent / "pics" / "p0.png"
+    direct = tiny_model.generate("What is in picture 0?", images=[pic], **JOB)
+    assert reference["q0"]["answer"] == direct.text
+    assert reference["q0"]["generated_tokens"] == direct.generated_tokens
+    same_image_as_message = tiny_model.generate(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(pic)}},
+                                              {"type": "text", "text": "Name it."}]}],
+        **JOB,
+    )  # fmt: skip
+    assert reference["m0"]["answer"] == same_image_as_message.text
+
+
+def test_rerun_skips_done_items_and_a_half_written_line_is_repaired(reference, tiny_model, mixed_job, tmp_path):
+    out = tmp_path / "out.jsonl"
+    ids = list(reference)
+    done = [json.dumps(reference[i]) for i in ids[:20]]
+    torn = json.dumps(reference[ids[20]])[:37]  # the process died inside the write of item 21
+    out.write_text("\n".join(done) + "\n" + torn)
+    summary = run_job(tiny_model, read_requests(mixed_job), out, options=JOB, progress=False, log=lambda _: None)
+    assert (summary.skipped, summary.done, summary.repaired) == (20, 30, True)
+    lines = _lines(out)
+    assert sorted(line["id"] for line in lines) == sorted(ids)
+    assert {line["id"]: line["answer"] for line in lines} == {i: reference[i]["answer"] for i in ids}
+    again = run_job(tiny_model, read_requests(mixed_job), out, options=JOB, progress=False, log=lambda _: None)
+    assert (again.skipped, again.done, again.repaired) == (50, 0, False)
+    assert len(_lines(out)) == 50
+
+
+def test_an_output_that_is_not_ours_is_refused_untouched(tmp_path):
+    for text, message in [
+        ("some notes\nwithout a newline at the end", "ends with text that is not a result line"),
+        ('{"id": "a"}\nnot json\n{"id": "b"}\n', "line 2 is not a phi-onnx batch result"),
+        ('{"no_id": 1}\n', "line 1 is not a phi-onnx batch result"),
+    ]:
+        out = tmp_path / "notes.txt"
+        out.write_text(text)
+        with pytest.raises(BatchError, match=message), ResultFile(out):
+            pass
+        assert out.read_text() == text
+
+
+def test_one_writer_per_output(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with ResultFile(out) as first:
+        first.write({"id": "a", "answer": "x", "error": None})
+        with pytest.raises(BatchError, match="another phi-onnx batch job is writing"), ResultFile(out):
+            pass
+    with ResultFile(out) as again:
+        assert again.done == {"a"}
+
+
+def test_folders_csv_and_input_errors(tmp_path):
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "sub/c.webp", ".hidden.png", "notes.txt", "clip.mp4"):
+        (pics / name).write_bytes(b"x")
+    folder = read_requests(pics, prompt="Caption.")
+    assert [r.id for r in folder] == ["a.jpg", "b.png", "clip.mp4", "sub/c.webp"]
+    assert all(r.prompt == "Caption." and Path(r.images[0]).is_absolute() for r in folder)
+    with pytest.raises(BatchError, match="give the question with --prompt"):
+        read_requests(pics)
+    table = tmp_path / "photos.csv"
+    table.write_text("id,file,prompt\nx1,pics/a.jpg,\nx2,pics/b.png,Count the dogs.\n")
+    rows = read_requests(table, prompt="Caption.", image_column="file")
+    assert [(r.id, r.prompt, r.images) for r in rows] == [
+        ("x1", "Caption.", (str(pics / "a.jpg"),)),
+        ("x2", "Count the dogs.", (str(pics / "b.png"),)),
+    ]
+    with pytest.raises(BatchError, match="has no column 'photo'"):
+        read_requests(table, prompt="?", image_column="photo")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": 1, "prompt": "a"}\n\n{"id": "1", "prompt": "b"}\n')
+    with pytest.raises(BatchError, match=r"id .1. appears twice .* \(items 1 and 2\)"):
+        read_requests(dup)
+    with pytest.raises(BatchError, match=r"neither a folder nor a \.jsonl or \.csv"):
+        read_requests(tmp_path / "pics" / "notes.txt")
+    with pytest.raises(BatchError, match="does not exist"):
+        read_requests(tmp_path / "nothing.jsonl")
+
+
+def test_cli_batch_writes_lines_and_errors_are_one_line(tiny_model_dir, tmp_path, example_image):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    _image(pics / "one.png", 1)
+    (pics / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "phi_onnx", "batch", str(pics), str(tiny_model_dir), "-o", str(out)]
+    run = subprocess.run([*cmd, "-p", "What is it?", "--num-crops", "1", "--max-new-tokens", "4", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = {line["id"]: line for line in _lines(out)}
+    assert set(lines) == {"one.png", "broken.png"}
+    assert lines["broken.png"]["error_type"] == "ImageError" and lines["one.png"]["error"] is None
+    assert "2/2 items (100%)" in run.stderr and "1 failed" in run.stderr
+    for args, message in [
+        ([], "is a folder of images: give the question with --prompt"),
+        (["-p", "x", "--workers", "2"], "--workers, --gpus-per-worker and --cpus-per-worker need --ray"),
+        (["-p", "x", "--temperature", "-1"], "temperature"),
+    ]:
+        bad = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+        assert message in bad.stderr
+
+
+def test_a_killed_job_resumes_without_losing_or_duplicating(tiny_model_dir, reference, mixed_job, tmp_path):
+    """A real process, killed with SIGKILL mid-job, then the same command again."""
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "phi_onnx", "batch", str(mixed_job), str(tiny_model_dir), "-o", str(out), "-q",
+           "--num-crops", "1", "--max-new-tokens", "6", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 8:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
+    first = _lines(out)
+    assert 8 <= len(first) < 50
+    with out.open("a") as f:  # and as if the kill had landed inside a write
+        f.write(json.dumps(reference["q27"])[:25])
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(first)} already in" in rerun.stderr and "half-written last line was cut off" in rerun.stderr
+    lines = _lines(out)
+    assert sorted(line["id"] for line in lines) == sorted(reference)
+    assert {line["id"]: line["answer"] for line in lines} == {k: v["answer"] for k, v in reference.items()}
+
+
+def test_progress_line_counts_rate_eta_and_failures():
+    from phi_onnx.batch.job import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, stream=stream, every_s=0)
+    for failed in (False, True, False, False):
+        bar.update(failed)
+    shown = stream.getvalue().splitlines()
+    assert len(shown) == 4
+    assert shown[1].startswith("batch: 2/4 items (50%),") and "items/s, ETA " in shown[1]
+    assert shown[-1].endswith("ETA 0:00, 1 failed")
+
+
+# --- the same job on Ray Data -------------------------------------------------------------------------------------
+
+
+def test_ray_job_gives_the_single_process_lines_and_resumes(ray_local, tiny_model, reference, mixed_job, tmp_path):
+    from phi_onnx.batch.ray import RayJob
+
+    out = tmp_path / "out.jsonl"
+    ids = list(reference)
+    out.write_text("".join(json.dumps(reference[i]) + "\n" for i in ids[:10]) + json.dumps(reference[ids[10]])[:30])
+    job = RayJob(
+        tiny_model.folder,
+        workers=2,
+        cpus_per_worker=1,
+        load_options={"device": "cpu", "threads": tiny_model.threads},
+    )
+    summary = job.run(read_requests(mixed_job), out, options=JOB, progress=False)
+    assert (summary.total, summary.skipped, summary.done, summary.failed, summary.repaired) == (
+        50, 10, 40, sum(1 for i in ids[10:] if i in BAD), True,
+    )  # fmt: skip
+    lines = _lines(out)
+    assert sorted(line["id"] for line in lines) == sorted(ids)  # every input once
+    timing = ("time_to_first_token_ms", "preprocess_ms", "decode_tokens_per_s", "elapsed_ms")
+    for line in lines:  # the same answers, token counts and errors as the single-process job, under greedy decoding
+        expected = {k: v for k, v in reference[line["id"]].items() if k not in timing}
+        assert {k: v for k, v in line.items() if k not in timing} == expected
+    again = job.run(read_requests(mixed_job), out, options=JOB, progress=False)
+    assert (again.skipped, again.done) == (50, 0) and len(_lines(out)) == 50
+
+
+def test_ray_job_reports_a_broken_model_folder_in_one_line(tmp_path):
+    from phi_onnx.batch.ray import RayJob
+    from phi_onnx.errors import ModelError
+
+    (tmp_path / "genai_config.json").write_text("{}")
+    with pytest.raises(ModelError):
+        RayJob(tmp_path)
