@@ -47,6 +47,8 @@ class JobSummary:
         failed: Of those, how many have an error line.
         seconds: Wall time of this run's items.
         repaired: Whether a half-written last line was cut off the output.
+        first_result_s: From the start of this run's items to the first result line (on Ray: worker start-up and
+            model loading included); None when nothing ran.
     """
 
     total: int
@@ -55,10 +57,18 @@ class JobSummary:
     failed: int
     seconds: float
     repaired: bool = False
+    first_result_s: float | None = None
 
     @property
     def items_per_s(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_items_per_s(self) -> float | None:
+        """Items per second after the first result: the rate once start-up is paid (None under two items)."""
+        if self.first_result_s is None or self.done < 2 or self.seconds <= self.first_result_s:
+            return None
+        return (self.done - 1) / (self.seconds - self.first_result_s)
 
 
 def answer(model: Any, request: Request, defaults: GenerationOptions) -> dict[str, Any]:
@@ -208,12 +218,15 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s = 0.1 if self.tty else every_s
         self.start = time.perf_counter()
+        self.first: float | None = None  # when the first item completed
         self._shown = 0.0
 
     def update(self, failed: bool) -> None:
         self.count += 1
         self.failed += failed
         now = time.perf_counter()
+        if self.first is None:
+            self.first = now
         if now - self._shown >= self.every_s or self.count == self.total:
             self._shown = now
             self._show(now)
@@ -286,10 +299,13 @@ def run_job(
                 bar.update(line["error"] is not None)
         finally:
             bar.close()
-        return JobSummary(
-            len(requests), len(requests) - len(pending), bar.count, bar.failed, time.perf_counter() - start,
-            out.repaired,
-        )  # fmt: skip
+        return summarise(bar, len(requests), len(requests) - len(pending), start, out.repaired)
+
+
+def summarise(bar: Progress, total: int, skipped: int, start: float, repaired: bool) -> JobSummary:
+    """The summary of a run whose items the progress ``bar`` counted, started at ``start`` (perf_counter)."""
+    first = bar.first - start if bar.first is not None else None
+    return JobSummary(total, skipped, bar.count, bar.failed, time.perf_counter() - start, repaired, first)
 
 
 def _defaults(model: Any, options: GenerationOptions | Mapping[str, Any] | None) -> GenerationOptions:

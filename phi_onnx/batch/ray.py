@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from phi_onnx.batch.inputs import Request
-from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, answer
+from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, answer, summarise
 from phi_onnx.errors import BatchError, PhiOnnxError, require
 from phi_onnx.options import GenerationOptions
 
@@ -122,10 +122,7 @@ class RayJob:
                     raise _unwrap(err) from err
                 finally:
                     bar.close()
-                return JobSummary(
-                    len(requests), len(requests) - len(pending), bar.count, bar.failed, time.perf_counter() - start,
-                    out.repaired,
-                )  # fmt: skip
+                return summarise(bar, len(requests), len(requests) - len(pending), start, out.repaired)
         finally:
             if started:
                 ray.shutdown()

@@ -97,28 +97,29 @@ def batch(
         )
     requests = read_requests(source, prompt=prompt, system=system, image_column=image_column)
     options = GenerationOptions.from_mapping(_options(kw))
-    if ray_address is not None:
-        from phi_onnx.batch.ray import RayJob
+    try:
+        if ray_address is not None:
+            from phi_onnx.batch.ray import RayJob
 
-        job = RayJob(
-            model,
-            address=ray_address,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker,
-            load_options=_load_options(kw),
-        )
-        summary = job.run(requests, output, options=options, progress=not quiet)
-    else:
-        from phi_onnx.batch import run_job
+            job = RayJob(
+                model,
+                address=ray_address,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                cpus_per_worker=cpus_per_worker,
+                load_options=_load_options(kw),
+            )
+            summary = job.run(requests, output, options=options, progress=not quiet)
+        else:
+            from phi_onnx.batch import run_job
 
-        lm = _load(model, kw)
-        try:
-            summary = run_job(lm, requests, output, options=options, progress=not quiet)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: finished items are in {output}; run the same command to resume", err=True)
-            sys.exit(130)
+            summary = run_job(_load(model, kw), requests, output, options=options, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished items are in {output}; run the same command to resume", err=True)
+        sys.exit(130)
     rate = f", {summary.items_per_s:.2f} items/s" if summary.done else ""
+    if ray_address is not None and summary.first_result_s is not None:
+        rate += f" (first result after {summary.first_result_s:.1f} s: Ray and model start-up)"
     click.echo(
         f"batch: {summary.done} done ({summary.failed} failed) in {summary.seconds:.1f} s{rate}, "
         f"{summary.skipped} skipped; results in {output}",

@@ -1,4 +1,4 @@
-"""The phi-onnx command line: run, chat, serve, fetch, info, export, bench.
+"""The phi-onnx command line: run, chat, serve, batch, fetch, info, export, bench.
 
 Generated text goes to stdout; progress, stats and warnings to stderr. Package errors become one line on stderr and
 exit code 2; unexpected exceptions keep their traceback.
