@@ -167,7 +167,8 @@ def test_rerun_skips_done_items_and_a_half_written_line_is_repaired(reference, t
 
 def test_an_output_that_is_not_ours_is_refused_untouched(tmp_path):
     for text, message in [
-        ("some notes\nwithout a newline at the end", "ends with text that is not a result line"),
+        ("some notes\nwithout a newline at the end", "line 1 is not a phi-onnx batch result"),
+        ('{"id": "a"}\nnotes without a newline', "ends with text that is not a result line"),
         ('{"id": "a"}\nnot json\n{"id": "b"}\n', "line 2 is not a phi-onnx batch result"),
         ('{"no_id": 1}\n', "line 1 is not a phi-onnx batch result"),
     ]:
@@ -323,3 +324,20 @@ def test_ray_job_reports_a_broken_model_folder_in_one_line(tmp_path):
     (tmp_path / "genai_config.json").write_text("{}")
     with pytest.raises(ModelError):
         RayJob(tmp_path)
+
+
+def test_retry_errors_reruns_failed_items_and_keeps_one_line_each(tiny_model, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "prompt": "?", "image": "a.png"}\n{"id": "b", "prompt": "?", "image": "b.png"}\n')
+    _image(tmp_path / "a.png", 1)
+    out = tmp_path / "out.jsonl"
+    quiet = {"options": JOB, "progress": False, "log": lambda _: None}
+    first = run_job(tiny_model, read_requests(requests), out, **quiet)
+    assert (first.done, first.failed) == (2, 1)
+    assert run_job(tiny_model, read_requests(requests), out, **quiet).done == 0  # errors count as done by default
+    _image(tmp_path / "b.png", 2)  # the cause is fixed
+    retry = run_job(tiny_model, read_requests(requests), out, retry_errors=True, **quiet)
+    assert (retry.skipped, retry.done, retry.failed) == (1, 1, 0)
+    lines = {line["id"]: line for line in _lines(out)}
+    assert len(_lines(out)) == 2 and lines["b"]["error"] is None and lines["b"]["answer"]
+    assert not list(tmp_path.glob("*.retry-tmp"))

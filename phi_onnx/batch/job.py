@@ -116,12 +116,16 @@ class ResultFile:
     """The job's JSONL output, opened for appending after reading which ids it already holds.
 
     Use as a context manager; :attr:`done` holds the ids already written and :meth:`write` appends one line.
+    With ``retry_errors``, the error lines of earlier runs are taken out of the file first (by writing the other
+    lines to a new file that replaces it), so their items run again and each id still has one line.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False) -> None:
         self.path = Path(path).expanduser()
+        self.retry_errors = retry_errors
         self.done: set[str] = set()
         self.failed_before = 0
+        self.retried = 0
         self.repaired = False
         self._fd: int | None = None
 
@@ -136,10 +140,31 @@ class ResultFile:
         try:
             _lock(self._fd, self.path)
             self._scan()
+            if self.retry_errors and self.failed_before:
+                self._drop_errors()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _drop_errors(self) -> None:
+        """Replace the file by its lines without errors (crash-safe: a new file renamed over the old one)."""
+        staging = self.path.with_name(self.path.name + ".retry-tmp")
+        with open(self._fd, "rb", closefd=False) as old, open(staging, "wb") as new:
+            old.seek(0)
+            for raw in old:
+                if raw.strip() and json.loads(raw).get("error") is None:
+                    new.write(raw)
+            new.flush()
+            os.fsync(new.fileno())
+        os.replace(staging, self.path)
+        retried = self.failed_before
+        self.close()
+        self.done, self.failed_before = set(), 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        _lock(self._fd, self.path)
+        self._scan()
+        self.retried = retried
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -150,10 +175,17 @@ class ResultFile:
             self._fd = None
 
     def _scan(self) -> None:
+        end = 0  # the offset after the last complete line
+        tail = b""
         with open(self._fd, "rb", closefd=False) as file:
-            data = file.read()
-        end = data.rfind(b"\n") + 1
-        tail = data[end:]
+            file.seek(0)
+            for number, raw in enumerate(file, 1):  # line by line: an output of millions of lines is not read whole
+                if not raw.endswith(b"\n"):
+                    tail = raw
+                    break
+                end += len(raw)
+                if raw.strip():
+                    self._add(raw, number)
         if tail:  # a line cut short by a killed process: drop it, its item runs again
             if not tail.lstrip().startswith(b'{"id"'):
                 raise BatchError(
@@ -162,20 +194,19 @@ class ResultFile:
                 )
             os.ftruncate(self._fd, end)
             self.repaired = True
-        for number, raw in enumerate(data[:end].splitlines(), 1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-                rid = line["id"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise BatchError(
-                    f"--output {str(self.path)!r} line {number} is not a phi-onnx batch result "
-                    f"({shorten(raw.decode('utf-8', 'replace'), 60)!r}): give a new path, or the JSONL an earlier "
-                    "run wrote"
-                ) from err
-            self.done.add(str(rid))
-            self.failed_before += line.get("error") is not None
+
+    def _add(self, raw: bytes, number: int) -> None:
+        try:
+            line = json.loads(raw)
+            rid = line["id"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise BatchError(
+                f"--output {str(self.path)!r} line {number} is not a phi-onnx batch result "
+                f"({shorten(raw.decode('utf-8', 'replace').strip(), 60)!r}): give a new path, or the JSONL an "
+                "earlier run wrote"
+            ) from err
+        self.done.add(str(rid))
+        self.failed_before += line.get("error") is not None
 
     def write(self, line: Mapping[str, Any] | str) -> None:
         """Append one result line (a dict, or its JSON text) with a single write; it is in the file on return."""
@@ -267,6 +298,7 @@ def run_job(
     *,
     options: GenerationOptions | Mapping[str, Any] | None = None,
     progress: bool = True,
+    retry_errors: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> JobSummary:
     """Answer every request not already in ``output``, appending one line per request as it completes.
@@ -277,6 +309,7 @@ def run_job(
         output: The JSONL result file; created, or resumed when it exists.
         options: The job's generation options (each request's own options override them).
         progress: Show the progress line on stderr.
+        retry_errors: Run again the items whose line in ``output`` is an error (their old lines are removed).
         log: Where to say what the job found (items, already done); default stderr.
 
     Returns:
@@ -287,7 +320,7 @@ def run_job(
     """
     defaults = _defaults(model, options)
     requests = list(requests)
-    with ResultFile(output) as out:
+    with ResultFile(output, retry_errors=retry_errors) as out:
         pending = [r for r in requests if r.id not in out.done]
         _say(log, _plan(len(requests), len(requests) - len(pending), out))
         bar = Progress(len(pending), enabled=progress)
@@ -320,6 +353,8 @@ def _plan(total: int, skipped: int, out: ResultFile) -> str:
     text = f"batch: {total} items, {skipped} already in {out.path}"
     if out.repaired:
         text += " (a half-written last line was cut off; its item runs again)"
+    if out.retried:
+        text += f" ({out.retried} error lines removed to run again)"
     return f"{text}, {total - skipped} to do"
 
 

@@ -100,6 +100,7 @@ class RayJob:
         *,
         options: GenerationOptions | Mapping[str, Any] | None = None,
         progress: bool = True,
+        retry_errors: bool = False,
     ) -> JobSummary:
         """Answer every request not already in ``output``; the same lines and resume rules as :func:`run_job`."""
         ray = require("ray", extra="ray", purpose="phi-onnx batch --ray")
@@ -107,7 +108,7 @@ class RayJob:
         requests = list(requests)
         started = self._connect(ray)
         try:
-            with ResultFile(output) as out:
+            with ResultFile(output, retry_errors=retry_errors) as out:
                 pending = [r for r in requests if r.id not in out.done]
                 _say(None, _plan(len(requests), len(requests) - len(pending), out) + f" on Ray, {self.workers} workers")
                 bar = Progress(len(pending), enabled=progress)

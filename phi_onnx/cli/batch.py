@@ -25,6 +25,7 @@ from phi_onnx.cli.main import _load, _options, model_flags, option_flags
 @click.option("-s", "--system", default=None, help="A system prompt for items that give none.")
 @click.option("--image-column", default=None, help="CSV: the column with image paths (default: image, path, ...).")
 @click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
+@click.option("--retry-errors", is_flag=True, help="Run again the items whose line in OUTPUT is an error.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line on stderr.")
 @click.option(
     "--ray",
@@ -63,6 +64,7 @@ def batch(
     prompt: str | None,
     system: str | None,
     image_column: str | None,
+    retry_errors: bool,
     quiet: bool,
     ray_address: str | None,
     workers: int,
@@ -109,11 +111,12 @@ def batch(
                 cpus_per_worker=cpus_per_worker,
                 load_options=_load_options(kw),
             )
-            summary = job.run(requests, output, options=options, progress=not quiet)
+            summary = job.run(requests, output, options=options, progress=not quiet, retry_errors=retry_errors)
         else:
             from phi_onnx.batch import run_job
 
-            summary = run_job(_load(model, kw), requests, output, options=options, progress=not quiet)
+            lm = _load(model, kw)
+            summary = run_job(lm, requests, output, options=options, progress=not quiet, retry_errors=retry_errors)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished items are in {output}; run the same command to resume", err=True)
         sys.exit(130)
