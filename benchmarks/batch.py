@@ -54,12 +54,28 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         model.generate(PROMPT, images=[files[0]], **opts)  # warm-up
         if args.worker == "loop":
             t0 = time.perf_counter()
-            tokens = sum(model.generate(PROMPT, images=[f], **opts).generated_tokens for f in files)
+            results = [model.generate(PROMPT, images=[f], **opts) for f in files]
             seconds = time.perf_counter() - t0
-            return {"items": len(files), "seconds": seconds, "load_s": load_s, "tokens": tokens}
+            generate_s = sum(r.elapsed_ms for r in results) / 1e3
+            tokens = sum(r.generated_tokens for r in results)
+            return {
+                "items": len(files),
+                "seconds": seconds,
+                "load_s": load_s,
+                "tokens": tokens,
+                "generate_s": generate_s,
+            }
         summary = run_job(model, read_requests(folder, prompt=PROMPT), out, options=opts, progress=False)
-        tokens = sum(json.loads(line)["generated_tokens"] for line in out.read_text().splitlines())
-        return {"items": summary.done, "seconds": summary.seconds, "load_s": load_s, "tokens": tokens}
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        tokens = sum(line["generated_tokens"] for line in lines)
+        generate_s = sum(line["elapsed_ms"] for line in lines) / 1e3
+        return {
+            "items": summary.done,
+            "seconds": summary.seconds,
+            "load_s": load_s,
+            "tokens": tokens,
+            "generate_s": generate_s,
+        }
     import ray
 
     from phi_onnx.batch.ray import RayJob
@@ -200,8 +216,13 @@ def _report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
             else f"| {path} | {med[path]:.3f} | - | - | "
         )
         lines[-1] += f"{1 / med[path]:.2f} | {max(r['other_load'] for r in rs):.0%} (max) |"
+    lines.append("")
+    for path in ("loop", "batch"):  # what the path spends outside model.generate: noise-free, unlike the rates
+        outside = [(r["seconds"] - r["generate_s"]) / r["items"] * 1e3 for r in runs.get(path, []) if "generate_s" in r]
+        if outside:
+            lines.append(f"{path}: {statistics.median(outside):.2f} ms per item outside model.generate (median)")
     if "loop" in med and "batch" in med:
-        lines += ["", f"phi-onnx batch / plain loop: {med['batch'] / med['loop']:.3f} "
+        lines += [f"phi-onnx batch / plain loop: {med['batch'] / med['loop']:.3f} "
                       f"(overhead {100 * (med['loop'] / med['batch'] - 1):+.1f} %)"]  # fmt: skip
     return "\n".join(lines)
 
