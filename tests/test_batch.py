@@ -341,3 +341,21 @@ def test_retry_errors_reruns_failed_items_and_keeps_one_line_each(tiny_model, tm
     lines = {line["id"]: line for line in _lines(out)}
     assert len(_lines(out)) == 2 and lines["b"]["error"] is None and lines["b"]["answer"]
     assert not list(tmp_path.glob("*.retry-tmp"))
+
+
+def test_a_folder_with_a_video_gets_its_frames_answered(tiny_model, tmp_path):
+    pytest.importorskip("av")  # the video extra, installed by the test extra
+    from test_video import make_clip
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    make_clip(folder / "clip.mp4", seconds=2.0)
+    _image(folder / "still.png", 3)
+    out = tmp_path / "out.jsonl"
+    summary = run_job(
+        tiny_model, read_requests(folder, prompt="What happens?"), out,
+        options={"num_crops": 1, "max_new_tokens": 4}, progress=False, log=lambda _: None,
+    )  # fmt: skip
+    lines = {line["id"]: line for line in _lines(out)}
+    assert (summary.done, summary.failed) == (2, 0)
+    assert len(lines["clip.mp4"]["frame_times"]) > 1 and "frame_times" not in lines["still.png"]
