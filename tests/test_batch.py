@@ -359,3 +359,28 @@ def test_a_folder_with_a_video_gets_its_frames_answered(tiny_model, tmp_path):
     lines = {line["id"]: line for line in _lines(out)}
     assert (summary.done, summary.failed) == (2, 0)
     assert len(lines["clip.mp4"]["frame_times"]) > 1 and "frame_times" not in lines["still.png"]
+
+
+def test_an_item_that_kills_its_ray_worker_stops_the_job_instead_of_hanging(
+    ray_local, tiny_model, tmp_path, monkeypatch
+):
+    """Ray Data retries a task whose worker died forever by default; the job bounds that and says so in one line."""
+    import phi_onnx.batch.ray as on_ray
+
+    class Crashing(on_ray._Worker):  # defined here, so Ray ships it by value to the worker
+        def __call__(self, batch):
+            if any('"id": "boom"' in str(text) for text in batch["request"]):
+                os._exit(1)  # what a native crash inside a graph looks like to Ray
+            return super().__call__(batch)
+
+    monkeypatch.setattr(on_ray, "_Worker", Crashing)
+    _image(tmp_path / "a.png", 1)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"id": i, "prompt": "?", "image": "a.png"}) + "\n" for i in ("x", "boom")))
+    out = tmp_path / "out.jsonl"
+    job = on_ray.RayJob(tiny_model.folder, workers=1, load_options={"device": "cpu", "threads": 1})
+    start = time.monotonic()
+    with pytest.raises(BatchError, match="the Ray job failed"):
+        job.run(read_requests(requests), out, options=JOB, progress=False)
+    assert time.monotonic() - start < 120
+    assert "boom" not in {line["id"] for line in _lines(out)}

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, an
 from phi_onnx.errors import BatchError, PhiOnnxError, require
 from phi_onnx.options import GenerationOptions
 
+MAX_RETRIES = 3  # a block whose worker died is tried again on a new worker this many times, then the job stops
 MAX_BLOCKS = 100_000  # one request per block up to this many, so each result streams back as soon as it is done
 
 
@@ -159,15 +161,26 @@ class RayJob:
             load["threads"] = max(1, int(cpus))
         rows = [{"request": r.to_json()} for r in pending]
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
-        return ds.map_batches(
-            _Worker,
-            fn_constructor_kwargs={"model": self.model, "load_options": load, "defaults": defaults},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.workers),
-            num_cpus=cpus,
-            num_gpus=gpus,
-        )
+        with warnings.catch_warnings():
+            # ray_remote_args_fn is deprecated (to go in Ray 2.64, hence the pin in the ray extra) and is the only way
+            # to bound retries: Ray Data's default retries a task forever, so an item that crashes its worker (a
+            # native crash in a graph) would hang the job; with the bound, the job stops with an error instead.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+            return ds.map_batches(
+                _Worker,
+                fn_constructor_kwargs={"model": self.model, "load_options": load, "defaults": defaults},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.workers),
+                num_cpus=cpus,
+                num_gpus=gpus,
+                ray_remote_args_fn=_bounded_retries,
+            )
+
+
+def _bounded_retries() -> dict[str, Any]:
+    """Remote arguments of each worker: a task whose worker died is retried MAX_RETRIES times, not forever."""
+    return {"max_task_retries": MAX_RETRIES}
 
 
 def _unwrap(err: BaseException) -> BaseException:
