@@ -18,8 +18,7 @@ from typing import ClassVar
 import httpx
 import openai
 import pytest
-
-from tests.serverproc import ServerProcess
+from serverproc import ServerProcess
 
 KEY = "test-key-123"
 
