@@ -384,3 +384,24 @@ def test_an_item_that_kills_its_ray_worker_stops_the_job_instead_of_hanging(
         job.run(read_requests(requests), out, options=JOB, progress=False)
     assert time.monotonic() - start < 120
     assert "boom" not in {line["id"] for line in _lines(out)}
+
+
+def test_openai_bodies_are_read_as_the_server_reads_them(tmp_path):
+    from phi_onnx.batch.inputs import read_requests
+
+    bodies = {
+        "n2": {"messages": [{"role": "user", "content": "Hi"}], "n": 2},
+        "dev": {
+            "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "top_k": 5,
+            "stream": True,
+        },  # fmt: skip
+        "max": {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 7},
+    }
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": k, "body": b}) + "\n" for k, b in bodies.items()))
+    requests = {r.id: r for r in read_requests(source)}
+    assert "n=2 is not supported" in requests["n2"].error
+    assert requests["dev"].error is None and requests["dev"].messages[0]["role"] == "system"
+    assert requests["dev"].options == {"top_k": 5}  # no max_new_tokens: the job's default applies
+    assert requests["max"].options == {"max_new_tokens": 7}

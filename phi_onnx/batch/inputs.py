@@ -35,7 +35,6 @@ _OPENAI_OPTIONS = {  # OpenAI chat-completions names -> GenerationOptions names
     "seed": "seed",
     "stop": "stop",
 }
-_OPENAI_IGNORED = frozenset({"model", "n", "stream", "user", "metadata", "store"})
 
 
 @dataclass(frozen=True)
@@ -251,19 +250,18 @@ def _parse(record: dict, rid: str, where: str, base: Path, prompt: str | None, s
 
 
 def _openai_body(body: dict[str, Any], where: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a chat-completions body phi-onnx honours; response_format becomes json_schema."""
-    out = {k: v for k, v in body.items() if k not in _OPENAI_IGNORED and k != "response_format"}
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise _Unusable(f"{where}: response_format json_schema needs {{'json_schema': {{'schema': ...}}}}")
-        options["json_schema"] = spec["schema"]
-    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        options["json_schema"] = {"type": "object"}
-    elif fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise _Unusable(f"{where}: response_format {shorten(repr(fmt))} is not text, json_object or json_schema")
-    return out
+    """A chat-completions body read exactly as ``phi-onnx serve`` reads it: what it cannot honour is refused."""
+    from phi_onnx.server.schema import APIError, parse_chat
+
+    try:
+        request = parse_chat({**body, "model": body.get("model") or "batch"}, default_max_tokens=1)
+    except APIError as err:
+        raise _Unusable(f"{where}: {err.message}") from None
+    given = {k: v for k, v in request.options.items() if k != "max_new_tokens"}
+    if body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None:
+        given["max_new_tokens"] = request.options["max_new_tokens"]  # else the job's --max-new-tokens applies
+    options.update(given)
+    return {"messages": request.messages}
 
 
 def _resolve_messages(messages: Sequence[Any], where: str, base: Path) -> list[Any]:
