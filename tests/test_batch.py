@@ -395,7 +395,7 @@ def test_openai_bodies_are_read_as_the_server_reads_them(tmp_path):
             "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "top_k": 5,
             "stream": True,
-        },  # fmt: skip
+        },
         "max": {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 7},
     }
     source = tmp_path / "in.jsonl"
