@@ -9,7 +9,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+from pathlib import Path
 
 import click
 
@@ -55,7 +57,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-def serve(model: str | None, host: str, port: int, log_level: str, **kw) -> None:
+def serve(model: str | None, host: str, port: int, log_level: str, ray_address: str | None, **kw) -> None:
     """Serve MODEL with OpenAI's chat-completions API.
 
     \b
@@ -92,6 +94,12 @@ def serve(model: str | None, host: str, port: int, log_level: str, **kw) -> None
         max_frames=kw["max_frames"],
     )
     _logging(log_level)
+    ray_flags = ("replicas", "max_replicas", "cpus_per_replica", "gpus_per_replica")
+    if ray_address is not None:
+        _serve_on_ray(model, settings, host, port, ray_address, {k: kw[k] for k in ray_flags})
+        return
+    if kw["replicas"] != 1 or kw["max_replicas"] is not None or kw["gpus_per_replica"]:
+        raise OptionsError("--replicas, --max-replicas and --gpus-per-replica need --ray: add --ray, or drop them")
     sock = _listen(host, port)  # before the model loads: a taken port is refused at once
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
@@ -103,6 +111,36 @@ def serve(model: str | None, host: str, port: int, log_level: str, **kw) -> None
         raise
     if server.failed:
         raise click.exceptions.Exit(2)
+
+
+def _serve_on_ray(model, settings, host: str, port: int, address: str, flags: dict) -> None:
+    """Start Ray Serve on ``host:port`` with the app in ``replicas`` replicas; stop it on SIGTERM or Ctrl-C."""
+    from phi_onnx.errors import require
+    from phi_onnx.hub import resolve_model
+    from phi_onnx.server.ray import application
+
+    ray = require("ray", extra="ray", purpose="phi-onnx serve --ray")
+    serve = require("ray.serve", extra="ray", purpose="phi-onnx serve --ray")
+    folder = resolve_model(model, cuda=bool(flags["gpus_per_replica"]))  # fetched once here; replicas read the folder
+    _listen(host, port).close()  # a taken port is a one-line error before Ray starts
+    ray.init(address=None if address == "local" else address, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": host, "port": port})
+    if settings.model_name is None:
+        from dataclasses import replace
+
+        name = model if isinstance(model, str) and not Path(model).exists() else Path(folder).name
+        settings = replace(settings, model_name=name)
+    serve.run(application(folder, settings, **flags), name="phi-onnx", route_prefix="/")
+    count = flags["replicas"] if flags["max_replicas"] is None else f"{flags['replicas']}-{flags['max_replicas']}"
+    click.echo(f"phi-onnx serve: ready on http://{host}:{port} (model {settings.model_name!r}, {count} replicas "
+               f"on Ray Serve)", err=True)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    click.echo("phi-onnx serve: stopping the Ray Serve application", err=True)
+    serve.shutdown()
+    ray.shutdown()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class ServerState:
         self.metrics = Metrics(self.scheduler)
         self.draining = False
         self.created = int(time.time())
+        self.instance = uuid.uuid4().hex[:12]  # tells replicas apart behind a load balancer (GET /health)
 
     def drain(self) -> None:
         """Refuse new requests with 503; running ones go on (``phi-onnx serve`` exits when they are done)."""
@@ -136,7 +138,12 @@ def _routes(app, state: ServerState) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.name, "workers": state.scheduler.ready_workers}
+        return {
+            "status": "ok",
+            "model": state.name,
+            "workers": state.scheduler.ready_workers,
+            "instance": state.instance,
+        }
 
     @app.get("/metrics")
     async def metrics():
