@@ -54,9 +54,17 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 @click.option("--preprocessor", type=click.Choice(["auto", "phi-onnx", "onnxruntime-genai"]), default="auto",
               help="Image preprocessing: ours (honours num_crops) or onnxruntime-genai's.")  # fmt: skip
 @click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
-@click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
-)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Serve: a local Ray, or the cluster at ADDRESS (auto, ray://HOST:10001).")  # fmt: skip
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="With --ray: replicas.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: autoscale up to this many replicas on ongoing requests.")  # fmt: skip
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+              help="With --ray: CPUs Ray reserves per replica.")  # fmt: skip
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="With --ray: GPUs per replica.")  # fmt: skip
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
 def serve(model: str | None, host: str, port: int, log_level: str, ray_address: str | None, **kw) -> None:
     """Serve MODEL with OpenAI's chat-completions API.
 
