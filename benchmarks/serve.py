@@ -222,19 +222,23 @@ def soak(args) -> dict[str, Any]:
     done = [0]
 
     def worker(count: int) -> None:
+        """Each request is retried after a 429 (as a client honouring Retry-After would), at most 1,000 times."""
         with httpx.Client(timeout=600) as client:
             for _ in range(count):
-                try:
-                    status = stream_once(client, server.url, body)["status"]
-                except httpx.HTTPError:
-                    status = -1
+                for _attempt in range(1000):
+                    try:
+                        status = stream_once(client, server.url, body)["status"]
+                    except httpx.HTTPError:
+                        status = -1
+                    with lock:
+                        statuses[status] = statuses.get(status, 0) + 1
+                    if status != 429:
+                        break
+                    time.sleep(0.05)
                 with lock:
-                    statuses[status] = statuses.get(status, 0) + 1
                     done[0] += 1
                     if done[0] % 50 == 0:
                         rss.append((done[0], round(server.rss_mb(), 1)))
-                if status == 429:
-                    time.sleep(0.05)
 
     share = Share(server)
     start = time.perf_counter()
@@ -249,6 +253,7 @@ def soak(args) -> dict[str, Any]:
     server.stop()
     after_warmup = [mb for n, mb in rss if n >= 100]
     return {"mode": "soak", "model": args.model, "requests": per * args.clients, "clients": args.clients,
+            "answered": done[0], "failures": sum(n for code, n in statuses.items() if code not in (200, 429)),
             "max_queue": args.max_queue, "statuses": statuses, "wall_s": round(wall, 1),
             "rss_mb_by_requests": rss,
             "rss_growth_after_warmup": round(after_warmup[-1] / after_warmup[0] - 1, 4) if after_warmup else None,
