@@ -589,3 +589,10 @@ def test_the_exact_prompt_limit_and_the_default_max_tokens(server, example_image
     assert "limit of 4,000" in response.json()["error"]["message"]
     default = post(server, {"model": "tiny", "messages": user("Hi"), "min_tokens": 1100})
     assert default.status_code == 200 and default.json()["usage"]["completion_tokens"] == 1100
+
+
+def test_deeply_nested_json_is_a_400(server):
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx.post(server.url + "/v1/chat/completions", content=deep, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]

@@ -138,6 +138,8 @@ def _routes(app, state: ServerState) -> None:
 
     @app.get("/health")
     async def health():
+        if state.scheduler.ready_workers == 0:  # every worker died and none has loaded the model again yet
+            return JSONResponse({"status": "unavailable", "model": state.name, "workers": 0}, status_code=503)
         return {
             "status": "ok",
             "model": state.name,
@@ -227,6 +229,8 @@ async def _body(request, cap: int) -> dict:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise bad(f"the request body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise bad("the request body is JSON nested too deeply: flatten it") from None
 
 
 def _too_large(size: int, cap: int) -> APIError:
