@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ def batch(
             lm = _load(model, kw)
             summary = run_job(lm, requests, output, options=options, progress=not quiet, retry_errors=retry_errors)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting must not print a traceback
         click.echo(f"\ninterrupted: finished items are in {output}; run the same command to resume", err=True)
         sys.exit(130)
     rate = f", {summary.items_per_s:.2f} items/s" if summary.done else ""
