@@ -405,3 +405,51 @@ def test_openai_bodies_are_read_as_the_server_reads_them(tmp_path):
     assert requests["dev"].error is None and requests["dev"].messages[0]["role"] == "system"
     assert requests["dev"].options == {"top_k": 5}  # no max_new_tokens: the job's default applies
     assert requests["max"].options == {"max_new_tokens": 7}
+
+
+def test_remote_images_follow_the_servers_policy(tiny_model, example_image, tmp_path):
+    import http.server
+    import threading
+
+    hits = []
+
+    class Origin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            data = example_image.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.jpg"
+        source = tmp_path / "in.jsonl"
+        parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]
+        lines = [
+            {"id": "url", "prompt": "Describe.", "image": url},
+            {"id": "msg", "messages": [{"role": "user", "content": parts}]},
+        ]
+        source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        results = {}
+        for policy in (None, "public", "private"):
+            out = tmp_path / f"out-{policy}.jsonl"
+            run_job(tiny_model, read_requests(source, remote_images=policy), out, options={"max_new_tokens": 4},
+                    progress=False)  # fmt: skip
+            results[policy] = {line["id"]: line for line in _lines(out)}
+            if policy != "private":
+                assert hits == [], f"{policy}: the origin was contacted"
+        assert "--allow-remote-images" in results[None]["url"]["error"]
+        assert "private" in results["public"]["url"]["error"] and results["public"]["msg"]["error"]
+        local = tiny_model.generate("Describe.", [str(example_image)], max_new_tokens=4)
+        assert results["private"]["url"]["answer"] == local.text and results["private"]["url"]["error"] is None
+        assert results["private"]["msg"]["error"] is None and len(hits) == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

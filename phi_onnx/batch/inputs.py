@@ -7,12 +7,13 @@ The operator of a batch job is trusted: local paths are read, relative to the JS
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import difflib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from phi_onnx.options import GenerationOptions
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi"})
+_REMOTE: contextvars.ContextVar[bool] = contextvars.ContextVar("remote_images", default=False)
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "url")
 _OPTION_NAMES = frozenset(f for f in GenerationOptions.__dataclass_fields__)
 _RECORD_KEYS = frozenset(
@@ -50,6 +52,8 @@ class Request:
         options: Generation options for this request only (over the job's defaults).
         error: Why this input is unusable (it then gets an error line without running the model).
         error_type: The error's class name.
+        remote: Which remote image URLs may be fetched: "public" addresses only, or "private" ones too; None
+            refuses them when the input is read.
     """
 
     id: str
@@ -60,6 +64,7 @@ class Request:
     options: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     error_type: str | None = None
+    remote: str | None = None  # "public" or "private": fetch http(s) images under the server's policy; None: refused
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -77,6 +82,7 @@ def read_requests(
     prompt: str | None = None,
     system: str | None = None,
     image_column: str | None = None,
+    remote_images: str | None = None,
 ) -> list[Request]:
     """Read a batch job's inputs.
 
@@ -87,6 +93,8 @@ def read_requests(
         system: A system prompt for items in prompt form that give none.
         image_column: The CSV column with image paths (default: the first of image, image_path, path, file,
             filename, url).
+        remote_images: None refuses ``http(s)`` image URLs (that item's error); "public" fetches them from public
+            addresses only, "private" from private networks too: the policy of ``phi-onnx serve``.
 
     Returns:
         The requests in input order, ids unique.
@@ -94,25 +102,36 @@ def read_requests(
     Raises:
         BatchError: The source is missing, of an unknown kind, empty, or has duplicate ids.
     """
+    if remote_images not in (None, "public", "private"):
+        raise BatchError(f"remote_images must be None, 'public' or 'private', got {remote_images!r}")
     path = Path(source).expanduser()
-    if path.is_dir():
-        if not prompt:
-            raise BatchError(f"{str(path)!r} is a folder of images: give the question with --prompt")
-        requests = list(_folder(path, prompt, system))
-    elif not path.exists():
-        raise BatchError(f"batch input {str(path)!r} does not exist: give a folder, a .jsonl or a .csv file")
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        requests = list(_jsonl(path, prompt, system))
-    elif path.suffix.lower() == ".csv":
-        requests = list(_csv(path, prompt, system, image_column))
-    else:
-        raise BatchError(
-            f"batch input {str(path)!r} is neither a folder nor a .jsonl or .csv file: rename it or convert it"
-        )
+    token = _REMOTE.set(remote_images is not None)
+    try:
+        requests = _read(path, prompt, system, image_column)
+    finally:
+        _REMOTE.reset(token)
     if not requests:
         raise BatchError(f"batch input {str(path)!r} holds no items: add images or request lines")
     _check_unique(requests, path)
+    if remote_images is not None:
+        requests = [replace(r, remote=remote_images) for r in requests]
     return requests
+
+
+def _read(path: Path, prompt: str | None, system: str | None, image_column: str | None) -> list[Request]:
+    if path.is_dir():
+        if not prompt:
+            raise BatchError(f"{str(path)!r} is a folder of images: give the question with --prompt")
+        return list(_folder(path, prompt, system))
+    if not path.exists():
+        raise BatchError(f"batch input {str(path)!r} does not exist: give a folder, a .jsonl or a .csv file")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return list(_jsonl(path, prompt, system))
+    if path.suffix.lower() == ".csv":
+        return list(_csv(path, prompt, system, image_column))
+    raise BatchError(
+        f"batch input {str(path)!r} is neither a folder nor a .jsonl or .csv file: rename it or convert it"
+    )
 
 
 def _folder(folder: Path, prompt: str, system: str | None) -> Iterator[Request]:
@@ -294,10 +313,12 @@ def _resolve(source: str, where: str, base: Path) -> str:
     lowered = source[:8].lower()
     if lowered.startswith("data:"):
         return source
+    if lowered.startswith(("http://", "https://")) and _REMOTE.get():
+        return source  # fetched when the item runs, under the server's policy
     if lowered.startswith(("http://", "https://")):
         raise _Unusable(
-            f"{where}: remote URL {shorten(source)!r} is not fetched by batch jobs: download the images and give "
-            "their paths (relative to the input file) or data: URLs"
+            f"{where}: remote URL {shorten(source)!r} is not fetched unless the job allows it: add "
+            "--allow-remote-images, or download the images and give their paths or data: URLs"
         )
     if lowered.startswith("file://"):
         source = source[7:]

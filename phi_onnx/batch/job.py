@@ -86,6 +86,8 @@ def answer(model: Any, request: Request, defaults: GenerationOptions) -> dict[st
     if request.error is not None:
         return _error_line(request.id, request.error_type or "BatchError", request.error)
     try:
+        if request.remote is not None:
+            request = _fetched(request)
         opts = defaults.updated(request.options) if request.options else defaults
         if request.messages is not None:
             result = model.generate(messages=request.messages, options=opts)
@@ -106,6 +108,48 @@ def answer(model: Any, request: Request, defaults: GenerationOptions) -> dict[st
         except PhiOnnxError as err:
             line.update(answer=None, text=result.text, error=str(err), error_type=type(err).__name__)
     return line
+
+
+def _fetched(request: Request) -> Request:
+    """The request with each http(s) image replaced by its bytes, fetched under ``phi-onnx serve``'s policy.
+
+    Raises:
+        ImageError: A URL the policy refuses (a private address unless allowed, a redirect to one, a non-image, too
+            many bytes or redirects) or that could not be fetched; the message names it.
+    """
+    from dataclasses import replace
+
+    from phi_onnx.errors import ImageError
+    from phi_onnx.server.media import fetch_image
+    from phi_onnx.server.schema import APIError
+    from phi_onnx.server.settings import ServerSettings
+
+    policy = ServerSettings(allow_remote_images=True, allow_private_networks=request.remote == "private")
+
+    def get(source, where: str):
+        if not (isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))):
+            return source
+        try:
+            return fetch_image(source, where, policy)
+        except APIError as err:
+            raise ImageError(err.message) from None
+
+    if request.messages is None:
+        images = tuple(get(s, f"image {i + 1}") for i, s in enumerate(request.images))
+        return replace(request, images=images)
+    messages = []
+    for m, message in enumerate(request.messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts = []
+            for p, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    part = {"type": "image", "image": get(url, f"message {m} part {p}")}
+                parts.append(part)
+            message = {**message, "content": parts}
+        messages.append(message)
+    return replace(request, messages=messages)
 
 
 def _error_line(rid: str, kind: str, message: str) -> dict[str, Any]:

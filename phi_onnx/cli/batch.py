@@ -26,6 +26,9 @@ from phi_onnx.cli.main import _load, _options, model_flags, option_flags
 @click.option("-s", "--system", default=None, help="A system prompt for items that give none.")
 @click.option("--image-column", default=None, help="CSV: the column with image paths (default: image, path, ...).")
 @click.option("--max-frames", type=click.IntRange(min=1), default=16, show_default=True, help="Most frames per video.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Fetch http(s) image URLs (public addresses only, as phi-onnx serve does).")  # fmt: skip
+@click.option("--allow-private-networks", is_flag=True, help="With --allow-remote-images: private addresses too.")
 @click.option("--retry-errors", is_flag=True, help="Run again the items whose line in OUTPUT is an error.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line on stderr.")
 @click.option(
@@ -90,6 +93,7 @@ def batch(
       phi-onnx batch ./scans -p "Describe it." -o out.jsonl --ray auto --workers 8     # an existing cluster
     """
     from phi_onnx.batch import read_requests
+    from phi_onnx.errors import BatchError
     from phi_onnx.options import GenerationOptions
 
     if ray_address is None and (workers != 1 or gpus_per_worker is not None or cpus_per_worker is not None):
@@ -98,7 +102,12 @@ def batch(
         raise click.UsageError(
             f"--ray took {ray_address!r} as the cluster address: put --ray after the arguments, or write --ray=ADDRESS"
         )
-    requests = read_requests(source, prompt=prompt, system=system, image_column=image_column)
+    remote = None
+    if kw.get("allow_remote_images"):
+        remote = "private" if kw.get("allow_private_networks") else "public"
+    elif kw.get("allow_private_networks"):
+        raise BatchError("--allow-private-networks needs --allow-remote-images: add it, or drop the first")
+    requests = read_requests(source, prompt=prompt, system=system, image_column=image_column, remote_images=remote)
     options = GenerationOptions.from_mapping(_options(kw))
     try:
         if ray_address is not None:
