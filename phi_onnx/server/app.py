@@ -252,7 +252,11 @@ async def _job_request(req: schema.ChatRequest, state: ServerState, default_max:
         )
     fetched = []
     for i, p, url, detail in req.images:
-        data = await asyncio.to_thread(fetch_image, url, f"messages[{i}].content[{p}]", settings)
+        where = f"messages[{i}].content[{p}]"
+        if url[:5].lower() == "data:":  # no I/O: decoded here, without a hop to a thread
+            data = fetch_image(url, where, settings)
+        else:
+            data = await asyncio.to_thread(fetch_image, url, where, settings)
         fetched.append((i, p, data, detail))
     sizes = [image_size(data) for _, _, data, _ in fetched]
     crops = req.options.get("num_crops") or (16 if len(fetched) == 1 else 4)
