@@ -324,7 +324,8 @@ def test_remote_urls_are_off_by_default_and_nothing_is_fetched(server, origin):
 @pytest.fixture(scope="session")
 def remote_server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-remote") / "server.log"
-    proc = ServerProcess(tiny_model_dir, log, "--allow-remote-images", "--cors-origin", "https://app.example")
+    args = ["--allow-remote-images", "--cors-origin", "https://app.example", "--parallel", "2", "--threads", "1"]
+    proc = ServerProcess(tiny_model_dir, log, *args)
     yield proc
     assert proc.stop() == 0
 
@@ -596,3 +597,22 @@ def test_deeply_nested_json_is_a_400(server):
     response = httpx.post(server.url + "/v1/chat/completions", content=deep, timeout=30,
                           headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+
+
+def test_a_conversations_later_turns_go_to_the_worker_that_served_its_first(remote_server):
+    def worker_of(request_id: str) -> str:
+        return remote_server.access(request_id).split("worker=")[1].split()[0]
+
+    _, context, _, lines = _stream_lines(remote_server, LONG, "busy-1", key=None)
+    next(lines)  # one worker is busy, so the conversation's first turn goes to the other
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    turn1 = post(remote_server, {"model": "tiny", "messages": first, "max_tokens": 3}, key=None,
+                 headers={"X-Request-Id": "turn-1"})  # fmt: skip
+    context.__exit__(None, None, None)
+    assert worker_of("turn-1") != worker_of("busy-1")
+    worker_of("busy-1")  # both workers are idle again
+    answer = turn1.json()["choices"][0]["message"]["content"]
+    later = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    post(remote_server, {"model": "tiny", "messages": later, "max_tokens": 3}, key=None,
+         headers={"X-Request-Id": "turn-2"})  # fmt: skip
+    assert worker_of("turn-2") == worker_of("turn-1")

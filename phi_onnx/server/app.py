@@ -172,7 +172,7 @@ def _routes(app, state: ServerState) -> None:
         given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
         job_request = await _job_request(req, state, default_max=not given)
         try:
-            job = state.scheduler.submit(job_request)
+            job = state.scheduler.submit(job_request, affinity=_conversation_key(req.messages))
         except QueueFull:
             raise APIError(
                 429,
@@ -188,6 +188,18 @@ def _routes(app, state: ServerState) -> None:
                 run.sse(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         return JSONResponse(await run.whole(first))
+
+
+def _conversation_key(messages: list[dict[str, Any]]) -> str:
+    """A key of a conversation's opening (its messages up to the first user turn), the same on every later turn."""
+    import hashlib
+
+    opening = []
+    for message in messages:
+        opening.append(message)
+        if message.get("role") == "user":
+            break
+    return hashlib.sha256(json.dumps(opening, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

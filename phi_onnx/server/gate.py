@@ -132,6 +132,8 @@ def _access(request_id: str, scope, status: int, entry: dict, started: float) ->
             f"generated={entry['generated']}",
             f"ttft_ms={ms(entry.get('ttft_ms'))}",
         ]
+        if entry.get("worker"):
+            fields.append(f"worker={entry['worker']}")
         if entry.get("finish"):
             fields.append(f"finish={entry['finish']}")
     fields.append(f"total_ms={ms((time.perf_counter() - started) * 1e3)}")

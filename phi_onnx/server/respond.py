@@ -183,6 +183,8 @@ class Run:
     def _record(self) -> None:
         s = self.stats
         queue_wait = (self.job.started_at - self.job.queued_at) if self.job.started_at else None
+        if self.job.worker is not None:
+            self.log["worker"] = self.job.worker.process.pid
         self.log.update(
             prompt=s.get("prompt_tokens", 0),
             image_tokens=s.get("image_tokens", 0),

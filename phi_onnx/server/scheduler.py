@@ -25,6 +25,7 @@ from phi_onnx.errors import ModelError
 
 log = logging.getLogger("phi_onnx.server")
 _ids = itertools.count(1)
+_AFFINITY_KEYS = 4096  # conversations whose last worker is remembered
 
 
 class QueueFull(Exception):
@@ -41,6 +42,7 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     worker: _Worker | None = None
+    affinity: str | None = None
     cancelled: bool = False
     finished: bool = False
 
@@ -63,6 +65,7 @@ class Scheduler:
         self.info: dict[str, Any] = {}
         self._workers: list[_Worker] = []
         self._waiting: collections.deque[Job] = collections.deque()
+        self._affinity: collections.OrderedDict[str, _Worker] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
@@ -113,8 +116,13 @@ class Scheduler:
         self._loop.add_reader(parent.fileno(), self._readable, worker, ready)
         return ready
 
-    def submit(self, request: dict[str, Any]) -> Job:
+    def submit(self, request: dict[str, Any], affinity: str | None = None) -> Job:
         """Queue a job; it starts as soon as a worker is free.
+
+        Args:
+            request: What the worker runs.
+            affinity: A key of the conversation (its opening messages): when the worker that served the same key
+                last is idle, the job goes there, where that conversation's cached prefix lives.
 
         Raises:
             QueueFull: ``max_queue`` jobs are already waiting.
@@ -122,6 +130,7 @@ class Scheduler:
         if len(self._waiting) >= self.max_queue and not self._idle_worker():
             raise QueueFull
         job = Job(request)
+        job.affinity = affinity
         self._waiting.append(job)
         self._dispatch()
         return job
@@ -144,6 +153,14 @@ class Scheduler:
     def _dispatch(self) -> None:
         while self._waiting and (worker := self._idle_worker()) is not None:
             job = self._waiting.popleft()
+            preferred = self._affinity.get(job.affinity) if job.affinity else None
+            if preferred is not None and preferred.ready and preferred.job is None:
+                worker = preferred
+            if job.affinity:
+                self._affinity[job.affinity] = worker
+                self._affinity.move_to_end(job.affinity)
+                while len(self._affinity) > _AFFINITY_KEYS:
+                    self._affinity.popitem(last=False)
             job.worker, worker.job = worker, job
             job.started_at = time.perf_counter()
             try:
@@ -197,6 +214,7 @@ class Scheduler:
             self._spawn()
 
     def _remove(self, worker: _Worker) -> None:
+        worker.ready = False  # also in the affinity map: never dispatched to again
         if worker in self._workers:
             self._workers.remove(worker)
         with contextlib.suppress(OSError, ValueError):
