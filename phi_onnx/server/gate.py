@@ -22,6 +22,7 @@ class Gate:
         self.state = state
         key = state.settings.api_key
         self._key = None if key is None else f"Bearer {key}".encode()
+        self._instance = state.instance.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -39,7 +40,8 @@ class Gate:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
-                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+                ids = [(b"x-request-id", request_id.encode()), (b"x-phi-onnx-instance", self._instance)]
+                message = {**message, "headers": [*headers, *ids]}
             await send(message)
 
         path = scope.get("path", "")
