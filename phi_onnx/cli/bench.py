@@ -16,6 +16,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError, require
 EXAMPLE_IMAGE = Path(__file__).parents[1] / "assets" / "example.jpg"
 SIZES = ("tiny", "bench", "full")
 PRECISIONS = ("fp32", "int4")
+TORCH_PRECISIONS = ("fp32", "bf16")
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
@@ -83,7 +84,15 @@ def _check(value: int | None, name: str, low: int, high: int) -> None:
     default=None,
     help="Compare with the PyTorch reference (default when a checkpoint is known) or not.",
 )
-@click.option("--compile", "compile_", is_flag=True, help="Also run the PyTorch path under torch.compile.")
+@click.option(
+    "--torch-precision",
+    "torch_precisions",
+    multiple=True,
+    type=click.Choice(TORCH_PRECISIONS),
+    help="PyTorch paths to run (repeatable; default fp32 and bf16). bf16 loads bfloat16 weights and runs under "
+    "torch.autocast; it is skipped, with the reason, on CPUs without AVX512-BF16 or AMX.",
+)
+@click.option("--compile", "compile_", is_flag=True, help="Also run each PyTorch path under torch.compile.")
 @click.option(
     "-i",
     "--image",
@@ -105,9 +114,9 @@ def _check(value: int | None, name: str, low: int, high: int) -> None:
               help="Write a PNG chart here (needs matplotlib: pip install 'phi-onnx[bench]').")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="Show the model builder's and quantizer's own output.")
 def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
-          against: str | None, compile_: bool, images: tuple[Path, ...], prompt: str, new_tokens: int, warmup: int,
-          repeat: int, num_crops: tuple[int, ...], threads: int | None, json_file: Path | None,
-          plot_file: Path | None, verbose: bool) -> None:  # fmt: skip
+          against: str | None, torch_precisions: tuple[str, ...], compile_: bool, images: tuple[Path, ...],
+          prompt: str, new_tokens: int, warmup: int, repeat: int, num_crops: tuple[int, ...], threads: int | None,
+          json_file: Path | None, plot_file: Path | None, verbose: bool) -> None:  # fmt: skip
     """Time onnxruntime-genai against the PyTorch reference: same weights, images, prompt, greedy decoding and number
     of new tokens; each path in its own process, warm-ups, repetitions, medians and ratios.
 
@@ -140,7 +149,7 @@ def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, p
         new_tokens=new_tokens, warmup=warmup, repeat=repeat, num_crops=tuple(dict.fromkeys(num_crops)) or (16, 4),
         threads=threads,
     )  # fmt: skip
-    paths = plan_paths(models, checkpoint, size, precisions, against, compile_)
+    paths = plan_paths(models, checkpoint, size, precisions, against, compile_, torch_precisions)
     from phi_onnx_bench.report import markdown, plot
     from phi_onnx_bench.runner import run_benchmark
 
@@ -166,7 +175,7 @@ def _command_line() -> str | None:
 
 
 def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
-               against: str | None, compile_: bool) -> list:  # fmt: skip
+               against: str | None, compile_: bool, torch_precisions: tuple[str, ...] = ()) -> list:  # fmt: skip
     """Turn the options into the list of paths to run, validating them before any work."""
     from phi_onnx.hub.modelinfo import inspect_model
     from phi_onnx_bench.spec import PathSpec
@@ -182,8 +191,9 @@ def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | No
         size = size or "bench"
     if against == "pytorch" and checkpoint is None and size is None:
         raise OptionsError("--against pytorch needs the checkpoint the folders were built from: add --checkpoint")
-    if compile_ and against == "none":
-        raise OptionsError("--compile is for the PyTorch path, which --against none leaves out")
+    if (compile_ or torch_precisions) and against == "none":
+        option = "--compile" if compile_ else "--torch-precision"
+        raise OptionsError(f"{option} is for the PyTorch path, which --against none leaves out")
     with_pytorch = against != "none" and (checkpoint is not None or size is not None)
     if with_pytorch or size is not None:
         for module in ("torch", "transformers"):
@@ -207,9 +217,13 @@ def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | No
     paths = [PathSpec(label, "onnxruntime-genai", str(f), precision=label.split("-", 1)[1].split(":")[0])
              for label, f in folders.items()]  # fmt: skip
     if with_pytorch:
-        paths.append(PathSpec("pytorch", "pytorch", str(checkpoint)))
-        if compile_:
-            paths.append(PathSpec("pytorch-compile", "pytorch", str(checkpoint), compile=True))
+        for precision in torch_precisions or TORCH_PRECISIONS:
+            label = "pytorch" if precision == "fp32" else f"pytorch-{precision}"
+            paths.append(PathSpec(label, "pytorch", str(checkpoint), precision=precision))
+            if compile_:
+                paths.append(
+                    PathSpec(f"{label}-compile", "pytorch", str(checkpoint), compile=True, precision=precision)
+                )
     return paths
 
 
