@@ -73,3 +73,13 @@ def test_profile_splits_the_prompt_pass(tiny_model_dir, example_image):
     assert result["graphs"]["decoder"]["ops"].get("GroupQueryAttention", 0) > 0
     assert result["graphs"]["vision"]["categories"]["attention"] > 0
     assert "| decoder |" in markdown(result)
+
+
+def test_build_memory_per_stage(tmp_path):
+    from phi_onnx_bench.buildmem import measure
+
+    result = measure("tiny", "fp32", tmp_path / "built", interval=0.01)
+    stages = dict(result["stages"])
+    assert next(iter(stages)) == "imports" and any(s.startswith("building the fp32 decoder") for s in stages)
+    assert result["peak_mb"] == max(stages.values()) >= stages["imports"] > 0
+    assert result["weights_mb"] > 0 and (tmp_path / "built" / "genai_config.json").is_file()
