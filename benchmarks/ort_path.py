@@ -57,7 +57,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
             "samples": samples,
         }
     peak_rss = peak_rss_mb()  # before the extra vision session
-    session = _vision_session(model.folder, model.threads)
+    session = graph_session(model.folder, "vision", model.threads)
     for crops in work.num_crops:
         samples = runs[str(crops)]["samples"]
         samples.vision_ms.extend(_time_vision(session, model.folder, prepared[crops].inputs, work))
@@ -85,14 +85,18 @@ def _genai_session_options(folder: Path) -> dict[str, Any]:
     return {g: cfg[g].get("session_options", {}) for g in ("vision", "embedding", "decoder") if g in cfg}
 
 
-def _vision_session(folder: Path, threads: int | None):
-    """An InferenceSession on the vision graph with the options onnxruntime-genai gives it."""
+def graph_session(folder: Path, graph: str, threads: int | None, profile_prefix: str | None = None):
+    """An InferenceSession on one graph of the folder ("vision", "embedding", "decoder") with the options
+    onnxruntime-genai gives it, optionally with onnxruntime's profiler writing ``<profile_prefix>_<time>.json``."""
     import onnxruntime as ort
 
     from phi_onnx import _og
 
-    cfg = json.loads((folder / "genai_config.json").read_text())["model"]["vision"]
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"][graph]
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     level = {
         "ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

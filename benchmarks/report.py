@@ -37,6 +37,7 @@ def markdown(result: dict[str, Any]) -> str:
         "prefill tokens/s | decode tokens/s | end-to-end ms | peak RSS MB | other load |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    skipped = [p for p in result["paths"] if p.get("skipped")]
     for p in result["paths"]:
         for crops, run in p["runs"].items():
             f = run["figures"]
@@ -47,6 +48,21 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_cell(f['prefill_tokens_per_s'], 0, 'p10')} | {_cell(f['decode_tokens_per_s'], 1, 'p10')} | "
                 f"{_cell(f['end_to_end_ms'])} | {_num(p['peak_rss_mb'])} | {'–' if bg is None else f'{bg:.0%}'} |"
             )
+    lines += [f"- {p['label']}: skipped, {p['skipped']}" for p in skipped]
+    kernels = next((p["kernels"] for p in result["paths"] if p.get("kernels")), None)
+    if kernels:
+        flags = " ".join(kernels["cpuinfo_flags"]) or "none of the relevant flags"
+        lines += ["", f"CPU kernels (PyTorch's view): level {kernels['cpu_capability']}, avx512_bf16 "
+                  f"{_yes(kernels['avx512_bf16'])}, AMX tiles {_yes(kernels['amx_tile'])}, VNNI "
+                  f"{_yes(kernels['vnni'])}; /proc/cpuinfo: {flags}."]  # fmt: skip
+    fastest = result.get("fastest_pytorch_ratios") or []
+    if fastest:
+        lines += ["", "| onnxruntime-genai / fastest PyTorch | num_crops | first token | (against) | decode tokens/s | "
+                  "(against) |", "|---|--:|--:|---|--:|---|"]  # fmt: skip
+        for r in fastest:
+            lines.append(f"| {r['onnxruntime_genai']} | {r['num_crops']} | {_x(r.get('time_to_first_token'))} | "
+                         f"{r.get('first_token_vs', '–')} | {_x(r.get('decode_tokens_per_s'))} | "
+                         f"{r.get('decode_vs', '–')} |")  # fmt: skip
     if result["ratios"]:
         agree = {(a["onnxruntime_genai"], a["pytorch"], a["num_crops"]): a for a in result["token_agreement"]}
         lines += ["", "| onnxruntime-genai / PyTorch | num_crops | first token | decode tokens/s | end-to-end | "
@@ -74,6 +90,10 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _x(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
@@ -91,8 +111,9 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise DependencyError("--plot needs matplotlib, which is not installed: pip install 'phi-onnx[bench]'") from err
-    crops = sorted({int(c) for p in result["paths"] for c in p["runs"]}, reverse=True)
-    labels = [p["label"] for p in result["paths"]]
+    paths = [p for p in result["paths"] if p["runs"]]  # skipped paths have none
+    crops = sorted({int(c) for p in paths for c in p["runs"]}, reverse=True)
+    labels = [p["label"] for p in paths]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = (("time_to_first_token_ms", "time to first token (ms, lower is better)"),
               ("decode_tokens_per_s", "decode (tokens/s, higher is better)"))  # fmt: skip
@@ -100,7 +121,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     for ax, (figure, title) in zip(axes, panels, strict=True):
         for j, c in enumerate(crops):
             values = [(p["runs"].get(str(c)) or {}).get("figures", {}).get(figure, {}).get("median") or 0
-                      for p in result["paths"]]  # fmt: skip
+                      for p in paths]  # fmt: skip
             xs = [i + (j - (len(crops) - 1) / 2) * width for i in range(len(labels))]
             bars = ax.bar(xs, values, width, label=f"num_crops {c}")
             ax.bar_label(bars, fmt="%.0f" if figure.endswith("_ms") else "%.1f", fontsize=7)

@@ -1,4 +1,6 @@
-"""The PyTorch path: the checkpoint through our Phi3VModel (eager, SDPA attention; torch.compile optional).
+"""The PyTorch path: the checkpoint through our Phi3VModel (eager, SDPA attention; torch.compile optional), in fp32 or
+in bf16 (weights in bfloat16 and the whole generation under ``torch.autocast("cpu", dtype=torch.bfloat16)``, what a
+user with a bf16-capable CPU runs; skipped with the reason on CPUs without native bf16 arithmetic).
 
 It gets what the onnxruntime-genai path gets: the image bytes, decoded and HD-transformed by phi_onnx's own
 preprocessing (timed), the prompt tokenised the same way (the checkpoint's tokenizer.json, no BOS, image slots
@@ -17,21 +19,66 @@ from typing import Any
 from phi_onnx_bench.spec import PathSpec, Samples, Workload, peak_rss_mb
 
 DEFAULT_EOS = (32000, 32007)
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_kernels() -> dict[str, Any]:
+    """What PyTorch can use on this CPU: its kernel ISA level, native bf16 (AVX512-BF16) and AMX tiles, and the
+    matching /proc/cpuinfo flags."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    cpu = torch.cpu
+    probe = {name: bool(getattr(cpu, f"_is_{name}_supported", lambda: False)())
+             for name in ("avx512_bf16", "amx_tile", "amx_fp16", "vnni")}  # fmt: skip
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **probe,
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpuinfo_flags": sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f"))),
+    }
+
+
+def bf16_skip_reason(kernels: dict[str, Any]) -> str | None:
+    """Why the bf16 path is not worth running here (None: run it). Without AVX512-BF16 or AMX, oneDNN emulates bf16
+    with fp32 arithmetic plus conversions, slower than fp32: not a configuration anyone would choose."""
+    if kernels.get("avx512_bf16") or kernels.get("amx_tile"):
+        return None
+    return (f"this CPU has no native bf16 arithmetic (no avx512_bf16 or amx_bf16 in /proc/cpuinfo; PyTorch kernel "
+            f"level {kernels.get('cpu_capability')}), so bf16 would be emulated and slower than fp32")  # fmt: skip
 
 
 def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
-    """Load the checkpoint, then per num_crops setting: warm-ups and timed generations."""
+    """Load the checkpoint, then per num_crops setting: warm-ups and timed generations.
+
+    A bf16 spec on a CPU without native bf16 returns ``{"skipped": reason, "runs": {}, "kernels": ...}``.
+    """
     import torch
     from tokenizers import Tokenizer
 
     from phi_onnx import _og
     from phi_onnx_export.checkpoint import load_checkpoint
 
+    if spec.precision not in PRECISIONS:
+        raise ValueError(f"PyTorch precision {spec.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    kernels = cpu_kernels()
+    bf16 = spec.precision == "bf16"
+    if bf16 and (reason := bf16_skip_reason(kernels)):
+        return {"skipped": reason, "runs": {}, "kernels": kernels, "load_ms": 0.0, "peak_rss_mb": peak_rss_mb(),
+                "peak_gpu_mb": None, "vision_method": "skipped"}  # fmt: skip
     threads = work.threads or _og.default_threads()
     torch.set_num_threads(threads)
     images = [Path(p).read_bytes() for p in work.images]
     t0 = time.perf_counter()
-    model, _ = load_checkpoint(spec.source, dtype=torch.float32, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, _ = load_checkpoint(spec.source, dtype=dtype, attn_implementation="sdpa")
     tokenizer = Tokenizer.from_file(str(Path(spec.source) / "tokenizer.json"))
     if spec.compile:
         model.vision = torch.compile(model.vision, dynamic=True)
@@ -42,14 +89,18 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    def generate_one(crops: int) -> dict[str, Any]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return generate(model, encode, images, work.prompt, crops, work.new_tokens, eos)
+
     runs: dict[str, Any] = {}
     for crops in work.num_crops:
         for _ in range(work.warmup):
-            generate(model, encode, images, work.prompt, crops, work.new_tokens, eos)
+            generate_one(crops)
         samples = Samples()
         result: dict[str, Any] = {}
         for _ in range(work.repeat):
-            result = generate(model, encode, images, work.prompt, crops, work.new_tokens, eos)
+            result = generate_one(crops)
             t = result["times"]
             samples.preprocess_ms.append(t["preprocess_ms"])
             samples.vision_ms.append(t["vision_ms"])
@@ -74,6 +125,9 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "peak_gpu_mb": None,
         "attention": "sdpa",
         "compiled": spec.compile,
+        "dtype": str(dtype).removeprefix("torch."),
+        "autocast": "torch.autocast('cpu', dtype=torch.bfloat16)" if bf16 else None,
+        "kernels": kernels,
         "vision_method": "Phi3VModel.image_features timed inside each generation",
     }
 

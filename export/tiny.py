@@ -66,8 +66,11 @@ class Size:
 SIZES: dict[str, Size] = {
     # Every test uses `tiny`: seconds to build on 2 CPU cores.
     "tiny": Size(VisionConfig(32, 64, 3, 4), hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4),
-    # Compute dominates overhead on a 2-core CPU; the CPU benchmark uses it.
-    "bench": Size(VisionConfig(256, 1024, 4, 4), hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16),
+    # Compute dominates overhead on a 2-core CPU; the CPU benchmark uses it. The vision tower (384 wide, 5 layers, head
+    # size 64 as in CLIP-L) keeps the real model's vision/decoder prefill FLOP ratio: 0.32 for one 600x400 image at
+    # 16 crops (13 crops, 1,936 tokens; Phi-3.5-vision 0.33), 0.42 for 17 crops (0.43); see benchmarks/flops.py.
+    # Until issue 12 it was 256 wide x 4 layers (ratio 0.13; 0.17 at 17 crops).
+    "bench": Size(VisionConfig(384, 1536, 5, 6), hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16),
     # The real dimensions of Phi-3-vision (CLIP ViT-L/14-336 and Phi-3-mini), random weights.
     "full": Size(VisionConfig(), hidden=3072, intermediate=8192, layers=32, heads=32, kv_heads=32),
 }

@@ -32,7 +32,14 @@ def test_both_paths_report_every_figure(both_paths):
     assert data["workload"]["new_tokens"] == 3 and data["workload"]["num_crops"] == [4]
     kinds = {p["kind"]: p for p in data["paths"]}
     assert set(kinds) == {"onnxruntime-genai", "pytorch"}
-    for path in data["paths"]:
+    assert [p["label"] for p in data["paths"]] == ["ort-fp32", "pytorch", "pytorch-bf16"]
+    bf16 = data["paths"][2]
+    assert bf16["precision"] == "bf16" and set(bf16["kernels"]) >= {"cpu_capability", "avx512_bf16", "amx_tile"}
+    if bf16.get("skipped"):  # a CPU without native bf16: the reason names what is missing
+        assert "avx512_bf16" in bf16["skipped"] and bf16["runs"] == {}
+    else:
+        assert bf16["dtype"] == "bfloat16" and bf16["autocast"]
+    for path in (p for p in data["paths"] if not p.get("skipped")):
         assert path["load_ms"] > 0 and path["peak_rss_mb"] > 0
         assert "peak_gpu_mb" in path and path["vision_method"]
         run = path["runs"]["4"]
@@ -49,7 +56,7 @@ def test_both_paths_report_every_figure(both_paths):
 
 def test_ratios_and_greedy_agreement(both_paths):
     _, data, _ = both_paths
-    (ratio,) = data["ratios"]
+    ratio = data["ratios"][0]
     assert ratio["onnxruntime_genai"] == "ort-fp32" and ratio["pytorch"] == "pytorch" and ratio["num_crops"] == 4
     ort, ref = (next(p for p in data["paths"] if p["kind"] == k) for k in ("onnxruntime-genai", "pytorch"))
     want = ort["runs"]["4"]["figures"]["time_to_first_token_ms"]["median"] / ref["runs"]["4"]["figures"][
@@ -57,9 +64,16 @@ def test_ratios_and_greedy_agreement(both_paths):
     assert ratio["time_to_first_token"] == pytest.approx(want, rel=1e-2)
     assert ratio["decode_tokens_per_s"] > 0
     # The fp32 folder and the checkpoint hold the same weights: same prompt, same greedy tokens.
-    (agree,) = data["token_agreement"]
-    assert agree["prompt_tokens_equal"] and agree["agreement"] == 1.0
-    assert any(t["target"].startswith("time to first token ort-fp32 / pytorch") for t in data["targets"])
+    agree = data["token_agreement"][0]
+    assert agree["pytorch"] == "pytorch" and agree["prompt_tokens_equal"] and agree["agreement"] == 1.0
+    (fastest,) = data["fastest_pytorch_ratios"]
+    refs = [p for p in data["paths"] if p["kind"] == "pytorch" and p["runs"]]
+    best = min(refs, key=lambda p: p["runs"]["4"]["figures"]["time_to_first_token_ms"]["median"])
+    assert fastest["first_token_vs"] == best["label"]
+    want = ort["runs"]["4"]["figures"]["time_to_first_token_ms"]["median"] / best["runs"]["4"]["figures"][
+        "time_to_first_token_ms"]["median"]  # fmt: skip
+    assert fastest["time_to_first_token"] == pytest.approx(want, rel=1e-2)
+    assert any(t["target"].startswith("time to first token ort-fp32 / pytorch,") for t in data["targets"])
 
 
 def test_markdown_table_and_chart(both_paths):
@@ -67,7 +81,8 @@ def test_markdown_table_and_chart(both_paths):
     table = result.stdout
     assert "| path | precision | num_crops |" in table
     assert "| ort-fp32 | fp32 | 4 |" in table and "| pytorch | fp32 | 4 |" in table
-    assert "| ort-fp32 / pytorch | 4 |" in table
+    assert "| ort-fp32 / pytorch | 4 |" in table and "| onnxruntime-genai / fastest PyTorch |" in table
+    assert "CPU kernels (PyTorch's view): level" in table
     assert "[bench]" not in table  # progress goes to stderr
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -92,6 +107,7 @@ def test_onnxruntime_genai_only_mode(tiny_model_dir, tmp_path):
         (["--model", "{model}", "--against", "pytorch"], "--against pytorch needs the checkpoint"),
         (["--model", "{model}", "--image", "/no/such.png"], "image /no/such.png does not exist"),
         (["--size", "huge"], "'huge' is not one of"),
+        (["--model", "{model}", "--against", "none", "--torch-precision", "bf16"], "--torch-precision is for the"),
     ],
 )
 def test_bad_arguments_give_one_line(args, message, tiny_checkpoint, tiny_model_dir):
@@ -143,3 +159,45 @@ def test_targets_are_not_judged_on_a_busy_machine():
     assert all(t["met"] in (True, False) for t in targets(quiet))
     judged = targets(busy)
     assert judged and all(t["met"] is None for t in judged)
+
+
+def _path(kind: str, label: str, ttft: float, decode: float, precision: str = "fp32", busy: float = 0.0) -> dict:
+    figures = {"time_to_first_token_ms": {"median": ttft}, "decode_tokens_per_s": {"median": decode},
+               "end_to_end_ms": {"median": ttft * 2}, "vision_ms": {"median": ttft / 4}}  # fmt: skip
+    return {"kind": kind, "label": label, "precision": precision, "background_cpu": busy,
+            "runs": {"16": {"figures": figures}}}  # fmt: skip
+
+
+def test_ratios_against_the_fastest_pytorch_path_of_the_run():
+    from phi_onnx_bench.runner import fastest_ratios, targets
+
+    results = [
+        _path("onnxruntime-genai", "ort-int4", 600.0, 60.0, "int4"),
+        _path("onnxruntime-genai", "ort-fp32", 1000.0, 30.0),
+        _path("pytorch", "pytorch", 1100.0, 20.0),
+        _path("pytorch", "pytorch-bf16", 800.0, 15.0, "bf16"),  # fastest first token, slower decode
+        {"kind": "pytorch", "label": "pytorch-bf16-compile", "precision": "bf16", "skipped": "no bf16", "runs": {}},
+    ]
+    int4, fp32 = fastest_ratios(results)
+    assert int4 == {"onnxruntime_genai": "ort-int4", "num_crops": 16, "first_token_vs": "pytorch-bf16",
+                    "time_to_first_token": 0.75, "decode_vs": "pytorch", "decode_tokens_per_s": 3.0}  # fmt: skip
+    assert fp32["time_to_first_token"] == 1.25 and fp32["decode_tokens_per_s"] == 1.5
+    judged = {t["target"]: t["met"] for t in targets(results)}
+    assert judged == {
+        "time to first token ort-int4 / fastest PyTorch (pytorch-bf16), num_crops 16 <= 0.7": False,
+        "decode tokens/s ort-int4 / fastest PyTorch (pytorch), num_crops 16 >= 3.0": True,
+        "time to first token ort-fp32 / pytorch, num_crops 16 <= 1.0": True,  # against fp32 eager only
+        "decode tokens/s ort-fp32 / pytorch, num_crops 16 >= 1.2": True,
+    }
+
+
+def test_bf16_runs_only_with_native_bf16_arithmetic():
+    from phi_onnx_bench.torch_path import bf16_skip_reason, cpu_kernels
+
+    kernels = cpu_kernels()
+    assert kernels["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "NO AVX")
+    assert set(kernels["cpuinfo_flags"]) <= {f for f in kernels["cpuinfo_flags"] if f.startswith(("amx", "avx512"))}
+    assert bf16_skip_reason({"avx512_bf16": True, "amx_tile": False}) is None
+    assert bf16_skip_reason({"avx512_bf16": False, "amx_tile": True}) is None
+    reason = bf16_skip_reason({"avx512_bf16": False, "amx_tile": False, "cpu_capability": "AVX2"})
+    assert reason and "no native bf16" in reason and "AVX2" in reason

@@ -16,6 +16,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError, require
 EXAMPLE_IMAGE = Path(__file__).parents[1] / "assets" / "example.jpg"
 SIZES = ("tiny", "bench", "full")
 PRECISIONS = ("fp32", "int4")
+TORCH_PRECISIONS = ("fp32", "bf16")
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
@@ -83,7 +84,15 @@ def _check(value: int | None, name: str, low: int, high: int) -> None:
     default=None,
     help="Compare with the PyTorch reference (default when a checkpoint is known) or not.",
 )
-@click.option("--compile", "compile_", is_flag=True, help="Also run the PyTorch path under torch.compile.")
+@click.option(
+    "--torch-precision",
+    "torch_precisions",
+    multiple=True,
+    type=click.Choice(TORCH_PRECISIONS),
+    help="PyTorch paths to run (repeatable; default fp32 and bf16). bf16 loads bfloat16 weights and runs under "
+    "torch.autocast; it is skipped, with the reason, on CPUs without AVX512-BF16 or AMX.",
+)
+@click.option("--compile", "compile_", is_flag=True, help="Also run each PyTorch path under torch.compile.")
 @click.option(
     "-i",
     "--image",
@@ -103,11 +112,14 @@ def _check(value: int | None, name: str, low: int, high: int) -> None:
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write every figure here.")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
               help="Write a PNG chart here (needs matplotlib: pip install 'phi-onnx[bench]').")  # fmt: skip
+@click.option("--scaling", is_flag=True,
+              help="Time to first token against prompt size instead: 1, 2, 4 and 8 copies of the image at 4 crops, "
+              "and one image at 1, 4, 9 and 16 crops, every path (--plot draws it).")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="Show the model builder's and quantizer's own output.")
 def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
-          against: str | None, compile_: bool, images: tuple[Path, ...], prompt: str, new_tokens: int, warmup: int,
-          repeat: int, num_crops: tuple[int, ...], threads: int | None, json_file: Path | None,
-          plot_file: Path | None, verbose: bool) -> None:  # fmt: skip
+          against: str | None, torch_precisions: tuple[str, ...], compile_: bool, images: tuple[Path, ...],
+          prompt: str, new_tokens: int, warmup: int, repeat: int, num_crops: tuple[int, ...], threads: int | None,
+          json_file: Path | None, plot_file: Path | None, scaling: bool, verbose: bool) -> None:  # fmt: skip
     """Time onnxruntime-genai against the PyTorch reference: same weights, images, prompt, greedy decoding and number
     of new tokens; each path in its own process, warm-ups, repetitions, medians and ratios.
 
@@ -119,6 +131,7 @@ def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, p
       phi-onnx bench --size tiny --new-tokens 4 --repeat 1
       phi-onnx bench --model ./phi-3.5-v-cpu-int4 --num-crops 4      # any folder, onnxruntime-genai only
       phi-onnx bench --checkpoint ./my-finetune --model ./onnx-fp32 --model ./onnx-int4 --json out.json --plot out.png
+      phi-onnx bench --scaling --new-tokens 8 --repeat 3 --plot scaling.png   # first token against prompt size
     """
     from phi_onnx_bench.spec import Workload
 
@@ -135,22 +148,43 @@ def bench(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, p
             raise OptionsError(f"image {image} does not exist: pass an image file with --image")
     if plot_file is not None:
         require("matplotlib", extra="bench", purpose="--plot")
+    if scaling and num_crops:
+        raise OptionsError("--scaling chooses the crop settings itself (1, 4, 9, 16; images at 4): drop --num-crops")
+    if scaling and len(images) > 1:
+        raise OptionsError("--scaling repeats one image 1, 2, 4 and 8 times: give at most one --image")
     work = Workload(
         images=tuple(str(i.resolve()) for i in images) or (str(EXAMPLE_IMAGE),), prompt=prompt,
         new_tokens=new_tokens, warmup=warmup, repeat=repeat, num_crops=tuple(dict.fromkeys(num_crops)) or (16, 4),
         threads=threads,
     )  # fmt: skip
-    paths = plan_paths(models, checkpoint, size, precisions, against, compile_)
+    paths = plan_paths(models, checkpoint, size, precisions, against, compile_, torch_precisions)
     from phi_onnx_bench.report import markdown, plot
     from phi_onnx_bench.runner import run_benchmark
 
+    if scaling:
+        from phi_onnx_bench import scaling as series
+
+        result = series.run_scaling(paths, work, command=_command_line(), log=_progress)
+        _write_json(json_file, result)
+        if plot_file is not None:
+            click.echo(f"[bench] wrote {series.plot(result, plot_file)}", err=True)
+        sys.stdout.write(series.markdown(result))
+        return
     result = run_benchmark(paths, work, command=_command_line())
-    if json_file is not None:
-        json_file.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        click.echo(f"[bench] wrote {json_file}", err=True)
+    _write_json(json_file, result)
     if plot_file is not None:
         click.echo(f"[bench] wrote {plot(result, plot_file)}", err=True)
     sys.stdout.write(markdown(result))
+
+
+def _progress(message: str) -> None:
+    click.echo(f"[bench] {message}", err=True)
+
+
+def _write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        click.echo(f"[bench] wrote {path}", err=True)
 
 
 def _command_line() -> str | None:
@@ -166,7 +200,7 @@ def _command_line() -> str | None:
 
 
 def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | None, precisions: tuple[str, ...],
-               against: str | None, compile_: bool) -> list:  # fmt: skip
+               against: str | None, compile_: bool, torch_precisions: tuple[str, ...] = ()) -> list:  # fmt: skip
     """Turn the options into the list of paths to run, validating them before any work."""
     from phi_onnx.hub.modelinfo import inspect_model
     from phi_onnx_bench.spec import PathSpec
@@ -182,8 +216,9 @@ def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | No
         size = size or "bench"
     if against == "pytorch" and checkpoint is None and size is None:
         raise OptionsError("--against pytorch needs the checkpoint the folders were built from: add --checkpoint")
-    if compile_ and against == "none":
-        raise OptionsError("--compile is for the PyTorch path, which --against none leaves out")
+    if (compile_ or torch_precisions) and against == "none":
+        option = "--compile" if compile_ else "--torch-precision"
+        raise OptionsError(f"{option} is for the PyTorch path, which --against none leaves out")
     with_pytorch = against != "none" and (checkpoint is not None or size is not None)
     if with_pytorch or size is not None:
         for module in ("torch", "transformers"):
@@ -207,9 +242,13 @@ def plan_paths(models: tuple[Path, ...], checkpoint: Path | None, size: str | No
     paths = [PathSpec(label, "onnxruntime-genai", str(f), precision=label.split("-", 1)[1].split(":")[0])
              for label, f in folders.items()]  # fmt: skip
     if with_pytorch:
-        paths.append(PathSpec("pytorch", "pytorch", str(checkpoint)))
-        if compile_:
-            paths.append(PathSpec("pytorch-compile", "pytorch", str(checkpoint), compile=True))
+        for precision in torch_precisions or TORCH_PRECISIONS:
+            label = "pytorch" if precision == "fp32" else f"pytorch-{precision}"
+            paths.append(PathSpec(label, "pytorch", str(checkpoint), precision=precision))
+            if compile_:
+                paths.append(
+                    PathSpec(f"{label}-compile", "pytorch", str(checkpoint), compile=True, precision=precision)
+                )
     return paths
 
 
