@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from phi_onnx import _og
+from phi_onnx.errors import ModelError
 from phi_onnx.generation import Chunk, token_chunks
 from phi_onnx.options import GenerationOptions
 from phi_onnx.sessions import Live, SessionPool, max_length, search_key
@@ -52,6 +53,12 @@ def run(
             inputs = dict(prepared.inputs)
             if prepared.pixels is not None:
                 pixels, hits, vision_ms, hd_ms = prepared.pixels()
+                made = int(pixels["num_image_tokens"].sum())
+                if made != prepared.image_tokens:  # the ids were spliced from the sizes before the HD transform
+                    raise ModelError(
+                        f"the HD transform made {made} image tokens where the prompt has {prepared.image_tokens}: "
+                        "please report this; load(..., vision='onnxruntime-genai') avoids it"
+                    )
                 inputs.update(pixels)
                 preprocess_ms += hd_ms
             if pool is not None:

@@ -334,3 +334,14 @@ def test_cli_chat_stats_show_cached_tokens(tiny_model_dir, example_image):
     assert len(stats) == 3, done.stderr
     assert ", 0 cached)" in stats[0] and all(", 0 cached)" not in s for s in stats[1:])
     assert "vision 0 ms" in stats[1] and "vision 0 ms" not in stats[0]
+
+
+def test_an_unwritable_cache_dir_falls_back_to_og_vision(tiny_model_dir, tmp_path, monkeypatch, example_image):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PHI_ONNX_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="image features are not cached: the cache directory .* is not writable"):
+        model = phi_onnx.load(tiny_model_dir, device="cpu")
+    assert model._vision is None
+    result = model.generate("What is it?", images=[example_image], max_new_tokens=2)
+    assert result.image_tokens == 1921 and result.vision_ms == 0 and result.image_cache_hits == 0
