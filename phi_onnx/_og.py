@@ -125,8 +125,12 @@ def session_overlay(provider: str, threads: int | None) -> dict[str, Any]:
     return {"model": {graph: {"session_options": dict(options)} for graph in _SESSION_GRAPHS}}
 
 
-def open_model(folder: Path, provider: str, threads: int | None):
-    """Create ``og.Model`` for a phi3v folder on a provider, with :func:`session_overlay` applied."""
+def open_model(folder: Path, provider: str, threads: int | None, vision_file: str | None = None):
+    """Create ``og.Model`` for a phi3v folder on a provider, with :func:`session_overlay` applied.
+
+    ``vision_file`` replaces the vision graph; it must be a path relative to the folder (og joins it to the folder as
+    a string, so an absolute path does not work).
+    """
     mod = og()
     try:
         config = mod.Config(str(folder))
@@ -134,6 +138,8 @@ def open_model(folder: Path, provider: str, threads: int | None):
         if provider != "cpu":
             config.append_provider(provider)
         overlay = session_overlay(provider, threads)
+        if vision_file is not None:
+            overlay.setdefault("model", {}).setdefault("vision", {})["filename"] = vision_file
         if overlay:
             config.overlay(json.dumps(overlay))
         return mod.Model(config)
@@ -252,6 +258,74 @@ def run_tokens_with_logits(
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0]), np.array(generator.get_output("logits"))
+
+
+class LiveGenerator:
+    """An og generator that may serve several turns: a prompt, then appended tokens, each followed by a generation.
+
+    What og 0.18 does, checked on the tiny model (tests/test_reuse.py keeps checking it):
+
+    - A generated token is added to the sequence before its KV exists; ``append_tokens`` right after a generation step
+      gives wrong tokens unless the logits of that token are computed first (``get_logits``), which :meth:`append`
+      does. :attr:`pending` says a token waits for its KV.
+    - When og itself stops at an end-of-sequence id, that id is *not* in the sequence and has no KV: the next turn's
+      ids bring it back (``<|end|>`` starts them).
+    - When og stops at ``max_length`` nothing more can be appended: :attr:`full`.
+
+    :meth:`sequence` is therefore always exactly the ids the KV cache holds once :meth:`append` has run.
+    """
+
+    def __init__(self, model, search: Mapping[str, Any], guidance: tuple[str, str] | None = None) -> None:
+        self.max_length = int(search["max_length"])
+        self.guided = guidance is not None
+        self._generator, self._params = _new_generator(model, search, guidance)
+        self.pending = False  # the last token of the sequence still lacks its KV
+        self.full = False  # og stopped at max_length
+        self.probe: list[np.ndarray] | None = None  # tests set a list here to get a copy of each step's logits
+
+    def start(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Set the prompt: input_ids and, with images, pixel_values (or features), image_sizes, num_image_tokens."""
+        named = og().NamedTensors()
+        for key, value in inputs.items():
+            if key == "input_ids":
+                value = value.astype(np.int32, copy=False)
+            named[key] = _contiguous(value)
+        self._generator.set_inputs(named)
+        self.pending = False
+
+    def append(self, ids: Sequence[int], min_length: int = 0) -> None:
+        """Prefill more tokens after what the generator holds (text only: no image slots); ``min_length`` is the
+        new turn's (og reads the search options at each step, so setting them on a live generator works)."""
+        self._params.set_search_options(min_length=min_length)
+        if self.pending:
+            self._generator.get_logits()  # computes the KV of the last generated token
+            self.pending = False
+        self._generator.append_tokens(np.asarray(ids, dtype=np.int32))
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence (the KV cache holds them all, or all but a pending one)."""
+        return int(self._generator.token_count())
+
+    def tokens(self) -> Iterator[int]:
+        """Generate until og stops or the caller stops iterating."""
+        generator = self._generator
+        while not generator.is_done():
+            generator.generate_next_token()
+            done = generator.is_done()
+            self.pending = not done
+            self.full = done and self.length >= self.max_length
+            if self.probe is not None:
+                self.probe.append(np.array(generator.get_output("logits")).reshape(-1))
+            yield int(generator.get_next_tokens()[0])
+
+    def sequence(self) -> list[int]:
+        """The ids the generator holds (image slots negative)."""
+        return [int(t) for t in self._generator.get_sequence(0)]
+
+    def close(self) -> None:
+        self._generator = None
+        self._params = None
 
 
 def processor_inputs(model, prompt: str, png_images: Sequence[bytes]) -> dict[str, np.ndarray]:

@@ -1,9 +1,12 @@
-"""Multi-turn conversations that keep their images.
+"""Multi-turn conversations that keep their images and their KV cache.
 
-phi3v cannot rewind or reuse its KV cache between turns in onnxruntime-genai, so each turn re-encodes the whole
-history: earlier images stay in the conversation and ``<|image_N|>`` tags are numbered over all of it. Each image keeps
-the num_crops it was first sent with (16 when it is the conversation's only image, 4 once there are several, or the
-``num_crops`` option of its turn), so a later image never changes how an earlier one is seen.
+A conversation keeps its generator alive between turns (:mod:`phi_onnx.sessions`): a follow-up turn without new images
+is appended to it, so only that turn's tokens are prefilled. A turn that adds images, that does not fit in what the
+generator has left, or that follows an answer cut by a stop string encodes the whole history again (earlier images'
+features come from the feature cache). Earlier images stay in the conversation and ``<|image_N|>`` tags are numbered
+over all of it. Each image keeps the num_crops it was first sent with (16 when it is the conversation's only image, 4
+once there are several, or the ``num_crops`` option of its turn), so a later image never changes how an earlier one is
+seen.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from phi_onnx.generation import Chunk, Generation, collect
 from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.options import GenerationOptions
+from phi_onnx.sessions import SessionPool
 
 if TYPE_CHECKING:
     from phi_onnx.model import PhiVision
@@ -34,12 +38,18 @@ class Chat:
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.pending: list[Any] = []
+        self._live = SessionPool(1, 2**62)  # this conversation's own generator, never evicted by other traffic
 
     @property
     def image_count(self) -> int:
         """Images in the conversation so far (pending ones included)."""
         done = sum(1 for m in self.messages for p in _parts(m) if p.get("type") == "image")
         return done + len(self.pending)
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV-cache memory the conversation's live generator holds (0 when none is alive)."""
+        return self._live.nbytes
 
     def add_image(self, image: ImageInput) -> int:
         """Attach an image (or the frames of an animation / folder) to the next user turn; returns frames added."""
@@ -48,9 +58,10 @@ class Chat:
         return len(frames)
 
     def reset(self) -> None:
-        """Forget the history and pending images (the system prompt stays)."""
+        """Forget the history, pending images and the live generator (the system prompt stays)."""
         self.messages.clear()
         self.pending.clear()
+        self._live.clear()
 
     def stream(self, text: str, images: Sequence[ImageInput] = (), **option_values: Any) -> Iterator[Chunk]:
         """Send a user turn and stream the answer.
@@ -59,8 +70,11 @@ class Chat:
         here and leaves the conversation exactly as it was. The turn joins the history only once the answer is
         complete; an answer abandoned half-way is not kept.
         """
+        import time
+
         from phi_onnx.model import CROPS
 
+        start = time.perf_counter()
         opts = self.options.updated(option_values) if option_values else self.options
         new = [frame for image in images for frame in self._decode(image)]
         frames = [*self.pending, *new]
@@ -75,7 +89,7 @@ class Chat:
         user = {"role": "user", "content": content}
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         try:
-            chunks = self.model.stream(messages=[*history, user], options=opts)
+            chunks = self.model._stream(start, opts, self._live, None, (), [*history, user], None)
         except BaseException:
             for frame in unmarked:
                 del frame.info[CROPS]

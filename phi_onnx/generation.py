@@ -30,6 +30,10 @@ class Chunk:
         num_crops: HD crops per image used for this prompt (None without images).
         cached_tokens: Prompt tokens whose KV cache was reused from an earlier generation, not computed again.
         frame_times: Times (seconds) of the video frames in the prompt, in order; empty without video.
+        vision_ms: Time spent running the vision graph for this prompt (0 when no image needed it: features from
+            the feature cache, or already in a reused KV cache).
+        image_cache_hits: Images whose vision graph did not run because their features were cached (in the feature
+            cache, or in the KV cache of a continued generator).
     """
 
     text: str
@@ -45,6 +49,8 @@ class Chunk:
     num_crops: int | None = None
     cached_tokens: int = 0
     frame_times: tuple[float, ...] = ()
+    vision_ms: float = 0.0
+    image_cache_hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class Generation:
     num_crops: int | None = None
     cached_tokens: int = 0
     frame_times: tuple[float, ...] = ()
+    vision_ms: float = 0.0
+    image_cache_hits: int = 0
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def json(self) -> Any:
@@ -162,6 +170,8 @@ def token_chunks(
     num_crops: int | None = None,
     cached_tokens: int = 0,
     frame_times: tuple[float, ...] = (),
+    vision_ms: float = 0.0,
+    image_cache_hits: int = 0,
 ) -> Iterator[Chunk]:
     """Turn generated token ids into chunks with running numbers.
 
@@ -189,6 +199,8 @@ def token_chunks(
             "num_crops": num_crops,
             "cached_tokens": cached_tokens,
             "frame_times": frame_times,
+            "vision_ms": vision_ms,
+            "image_cache_hits": image_cache_hits,
         }
 
     try:

@@ -6,9 +6,7 @@ import functools
 import threading
 import time
 import warnings
-import weakref
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,21 +15,23 @@ import numpy as np
 
 from phi_onnx import _og
 from phi_onnx.errors import ModelError, OptionsError
-from phi_onnx.generation import Chunk, Generation, collect, token_chunks
+from phi_onnx.generation import Chunk, Generation, collect
 from phi_onnx.hub.modelinfo import ModelInfo, inspect_model
 from phi_onnx.images import ImageInput, load_frames
+from phi_onnx.inputs import CROPS, DECODED, HDCache, added_tokens, end_tokens, expand_message, time_label
 from phi_onnx.options import GenerationOptions
-from phi_onnx.preprocess import Preprocessed, image_token_count, preprocess_images
-from phi_onnx.prompt import IMAGE_TAG, PHI3_SPECIAL_TOKENS, build_prompt, prompt_from_text, splice_image_tokens
+from phi_onnx.preprocess import image_token_count
+from phi_onnx.prompt import IMAGE_TAG, build_prompt, prompt_from_text, splice_image_tokens
+from phi_onnx.sessions import DEFAULT_POOL_MB, DEFAULT_POOL_SIZE, DEFAULT_RESERVE_TOKENS, SessionPool
 from phi_onnx.video import TIMESTAMP
+from phi_onnx.vision import DEFAULT_IMAGE_CACHE_MB, VisionEncoder
 
 PREPROCESSORS = ("auto", "phi-onnx", "onnxruntime-genai")
 TOKEN_IDS = ("microsoft", "onnxruntime-genai")
+
 DEFAULT_MAX_FRAMES = 16
-DECODED = "phi_onnx.decoded"  # set in PIL ``info`` of frames we decoded; such frames are not decoded again
-CROPS = "phi_onnx.num_crops"  # set in PIL ``info`` by Chat: the crops an image keeps for the whole conversation
 _GUIDANCE_CHECKED = 256  # distinct constraints remembered as valid, so each is compiled up front only once
-_CACHE_SIZE = 32  # conversation images whose HD transform is kept (a chat re-sends its images every turn)
+__all__ = ["CROPS", "DECODED", "PhiVision", "PreparedInputs", "load"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class PreparedInputs:
     num_crops: int | None
     preprocess_ms: float
     frame_times: tuple[float, ...] = ()
+    image_keys: tuple = ()  # each image's identity (pixel digest and what changes its features)
+    pixels: Callable[[], tuple[dict[str, np.ndarray], int, float, float]] | None = None
+    """When set, ``inputs`` holds only input_ids and this makes the image inputs on demand (a continued generator
+    needs none): (inputs, feature cache hits, vision ms, HD transform ms)."""
 
 
 def load(
@@ -60,6 +64,11 @@ def load(
     token_ids: str = "microsoft",
     frame_sampling: str = "uniform",
     frame_times: bool = False,
+    vision: str = "phi-onnx",
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+    kv_reserve: int = DEFAULT_RESERVE_TOKENS,
+    kv_pool: int = DEFAULT_POOL_SIZE,
+    kv_pool_mb: float = DEFAULT_POOL_MB,
 ) -> PhiVision:
     """Load a Phi-3-vision / Phi-3.5-vision ONNX model.
 
@@ -79,6 +88,12 @@ def load(
             does X happen" questions (prompt mode).
         token_ids: "microsoft" (default): the ids Microsoft's Phi3VProcessor gives, with ``<s>`` at the start and after
             every image, as the model was tuned and evaluated; "onnxruntime-genai": og's processor's ids (no BOS).
+        vision: "phi-onnx" (default) runs the vision graph in phi-onnx's own onnxruntime session and caches image
+            features; "onnxruntime-genai" leaves it inside og's generator (no feature cache).
+        image_cache_mb: Bound of the image feature cache in MB (0: no cache).
+        kv_reserve: Tokens of KV room a kept generator has beyond its answer, for follow-up turns (see README).
+        kv_pool: Generators kept for stateless ``messages`` callers whose next request extends the conversation.
+        kv_pool_mb: Bound of the KV memory those kept generators hold together, in MB.
 
     Returns:
         A :class:`PhiVision` ready to generate.
@@ -104,6 +119,11 @@ def load(
         token_ids=token_ids,
         frame_sampling=frame_sampling,
         frame_times=frame_times,
+        vision=vision,
+        image_cache_mb=image_cache_mb,
+        kv_reserve=kv_reserve,
+        kv_pool=kv_pool,
+        kv_pool_mb=kv_pool_mb,
     )
 
 
@@ -122,8 +142,17 @@ class PhiVision:
         token_ids: str = "microsoft",
         frame_sampling: str = "uniform",
         frame_times: bool = False,
+        vision: str = "phi-onnx",
+        image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+        kv_reserve: int = DEFAULT_RESERVE_TOKENS,
+        kv_pool: int = DEFAULT_POOL_SIZE,
+        kv_pool_mb: float = DEFAULT_POOL_MB,
     ) -> None:
+        from phi_onnx.sessions import kv_bytes_per_token
         from phi_onnx.video import SAMPLING
+        from phi_onnx.vision import check_reuse_options, kv_dtype, open_vision
+
+        check_reuse_options(vision, image_cache_mb, kv_reserve, kv_pool, kv_pool_mb)
 
         if frame_sampling not in SAMPLING:
             raise OptionsError(f"unknown frame_sampling {frame_sampling!r}: choose one of {', '.join(SAMPLING)}")
@@ -144,18 +173,28 @@ class PhiVision:
         self.max_frames = max_frames
         self.frame_sampling = frame_sampling
         self.frame_times = bool(frame_times)
-        self._model = _og.open_model(self.folder, provider, self.threads)
+        self._vision: VisionEncoder | None = None
+        vision_file = None
+        if vision == "phi-onnx":
+            self._vision, vision_file = open_vision(self.info, provider, self.threads, image_cache_mb)
+        self._model = _og.open_model(self.folder, provider, self.threads, vision_file)
+        self.kv_reserve = kv_reserve
+        self.kv_token_bytes = kv_bytes_per_token(self.info.config, kv_dtype(self.info))
+        self.sessions = SessionPool(kv_pool, int(kv_pool_mb * 2**20))  # live generators for stateless callers
+        self._probe: dict[str, Any] | None = None  # tests: see phi_onnx.runner
         self._pixel_dtype = _pixel_dtype(self.info)
         self._tokenizer = _og.Tokenizer(self._model, self.folder)
-        self.reserved_tokens: tuple[str, ...] = _added_tokens(self.folder)
+        self.reserved_tokens: tuple[str, ...] = added_tokens(self.folder)
         self.token_ids = token_ids
         self._bos = self._tokenizer.bos_id() if token_ids == "microsoft" else None
         self.vocab_size = int(self.info.config["model"].get("vocab_size") or 0) or None
-        self._eos = frozenset(self.info.eos_token_ids) | frozenset(_end_tokens(self._tokenizer))
-        self._pre_cache: OrderedDict[tuple[int, int, int | None], tuple[weakref.ref, Preprocessed]] = OrderedDict()
+        ends = end_tokens(self._tokenizer)
+        self._eos = frozenset(self.info.eos_token_ids) | frozenset(ends)
+        self._turn_end = frozenset(ends[:1])  # <|end|>: where a history's answer ends
+        self._hd = HDCache(self.info.crop_slots)
+        self._pre_cache = self._hd.items
         self._guidance_ok: set[tuple[str, str]] = set()
-        self._pre_lock = threading.Lock()  # the cache may be shared by threads serving several requests
-        self._pre_dead: list[tuple[int, int, int | None]] = []  # keys whose image died (appended by weakref callbacks)
+        self._pre_lock = threading.Lock()  # shared state may be used by threads serving several requests
 
     def __repr__(self) -> str:
         return f"PhiVision({str(self.folder)!r}, device={self.device!r})"
@@ -192,26 +231,16 @@ class PhiVision:
         """
         start = time.perf_counter()
         opts = self._options(options, option_values)
-        prepared = self.prepare(prompt, images, messages=messages, system=system, options=opts, start=start)
-        return self._generate_stream(prepared, opts, start)
+        pool = self.sessions if messages is not None else None  # prompt-mode calls have no history to continue
+        return self._stream(start, opts, pool, prompt, images, messages, system)
 
-    def _generate_stream(self, prepared: PreparedInputs, opts: GenerationOptions, start: float) -> Iterator[Chunk]:
-        search = opts.search_options(prepared.prompt_tokens, self.context_length)
-        stream = self._tokenizer.stream()
-        tokens = _og.run_tokens(self._model, prepared.inputs, search, opts.guidance())
-        return token_chunks(
-            tokens,
-            stream.decode,
-            start=start,
-            preprocess_ms=prepared.preprocess_ms,
-            prompt_tokens=prepared.prompt_tokens,
-            image_tokens=prepared.image_tokens,
-            max_new_tokens=opts.max_new_tokens,
-            eos_ids=self._eos,
-            stops=opts.stop,
-            num_crops=prepared.num_crops,
-            frame_times=prepared.frame_times,
-        )
+    def _stream(self, start: float, opts: GenerationOptions, pool: SessionPool | None, *request) -> Iterator[Chunk]:
+        """Check and prepare a request (``prompt, images, messages, system``), then run it (thread-safe)."""
+        from phi_onnx.runner import run
+
+        prompt, images, messages, system = request
+        prepared = self._prepare(prompt, images, messages, system, opts, start, lazy=True)
+        return run(self, prepared, opts, start, pool)
 
     def generate(
         self,
@@ -226,8 +255,8 @@ class PhiVision:
         """Generate a whole answer; the same arguments as :meth:`stream`."""
         start = time.perf_counter()
         opts = self._options(options, option_values)
-        prepared = self.prepare(prompt, images, messages=messages, system=system, options=opts, start=start)
-        return collect(self._generate_stream(prepared, opts, start))
+        pool = self.sessions if messages is not None else None
+        return collect(self._stream(start, opts, pool, prompt, images, messages, system))
 
     def chat(self, system: str | None = None, **option_values: Any):
         """Start a multi-turn conversation (see :class:`phi_onnx.chat.Chat`)."""
@@ -245,13 +274,19 @@ class PhiVision:
         options: GenerationOptions | None = None,
         start: float | None = None,
     ) -> PreparedInputs:
-        """Decode images, run the HD transform and tokenise: the generator's inputs, without generating.
+        """Decode images, run the HD transform and tokenise: the inputs of the folder's own graphs, without generating.
 
         The token budget is checked from the images' sizes before the HD transform, so a request that cannot fit in
         the context is refused before the expensive step.
         """
         start = time.perf_counter() if start is None else start
-        opts = options or self.options
+        return self._prepare(prompt, images, messages, system, options or self.options, start, lazy=False)
+
+    def _prepare(self, prompt, images, messages, system, opts: GenerationOptions, start: float, lazy: bool):
+        """:meth:`prepare`; with ``lazy`` and phi-onnx's vision session, the image inputs are image features made on
+        demand (from the feature cache where it can), so a continued generator costs no image work at all."""
+        from phi_onnx.vision import image_keys
+
         self._check_options(opts)
         text, frames = self._prompt_and_frames(prompt, images, messages, system)
         num_crops = opts.crops_for(len(frames)) if frames else None
@@ -259,11 +294,20 @@ class PhiVision:
         crops = [int(f.info.get(CROPS, num_crops)) for f in frames] if not use_og else [16] * len(frames)
         encode = functools.lru_cache(maxsize=None)(self._tokenizer.encode)  # each chunk tokenised once per call
         self._check_budget(text, frames, crops, opts, encode)
+        keys = image_keys(frames, crops, self.info.crop_slots, use_og)
+        pixels = None
         if use_og:
             inputs = self._og_inputs(text, frames)
             num_crops = 16
+            if lazy and self._vision is not None:
+                pixels = self._vision.from_og_inputs(inputs, keys)
+                inputs = {"input_ids": inputs["input_ids"]}
+        elif frames and lazy and self._vision is not None:
+            counts = [image_token_count(f.width, f.height, c) for f, c in zip(frames, crops)]
+            inputs = {"input_ids": splice_image_tokens(text, encode, counts, bos_id=self._bos)}
+            pixels = self._vision.from_frames(frames, crops, keys, self.info.crop_slots)
         elif frames:
-            pre = self._preprocess(frames, crops)
+            pre = self._hd.transform(frames, crops)
             ids = splice_image_tokens(text, encode, pre.num_image_tokens[:, 0].tolist(), bos_id=self._bos)
             inputs = {
                 "input_ids": ids,
@@ -277,9 +321,8 @@ class PhiVision:
         image_tokens = int((ids < 0).sum())
         opts.max_length(ids.shape[1], self.context_length)  # raises ContextLengthError with the numbers
         times = tuple(f.info[TIMESTAMP] for f in frames if TIMESTAMP in f.info)
-        return PreparedInputs(
-            inputs, text, int(ids.shape[1]), image_tokens, num_crops, (time.perf_counter() - start) * 1e3, times
-        )
+        elapsed = (time.perf_counter() - start) * 1e3
+        return PreparedInputs(inputs, text, int(ids.shape[1]), image_tokens, num_crops, elapsed, times, keys, pixels)
 
     def _check_options(self, opts: GenerationOptions) -> None:
         """Limits that come from the model rather than from the option itself."""
@@ -325,7 +368,7 @@ class PhiVision:
                 raise OptionsError("give either messages, or a prompt with images, not both")
             if system is not None:
                 raise OptionsError("with messages, give the system prompt as a {'role': 'system'} message")
-            expanded = [_expand_message(m, self.max_frames, self.frame_sampling) for m in messages]
+            expanded = [expand_message(m, self.max_frames, self.frame_sampling) for m in messages]
             built = build_prompt(expanded, self.reserved_tokens)
             return built.text, list(built.images)
         if prompt is None:
@@ -337,54 +380,9 @@ class PhiVision:
             for src in _as_list(images)
             for f in load_frames(src, max_frames=self.max_frames, sampling=self.frame_sampling)
         ]
-        labels = [_time_label(f) for f in frames] if self.frame_times else None
+        labels = [time_label(f) for f in frames] if self.frame_times else None
         text = prompt_from_text(prompt, len(frames), system=system, reserved=self.reserved_tokens, labels=labels)
         return text, frames
-
-    def _preprocess(self, frames: list, crops: list[int]) -> Preprocessed:
-        """The HD transform per image. Conversation images (marked DECODED by Chat) keep their result while they live,
-        so each chat turn does not transform the whole history again; other images are not retained."""
-        slots = self.info.crop_slots
-        with self._pre_lock:
-            self._purge_dead()
-        parts = []
-        for frame, num_crops in zip(frames, crops):
-            if not frame.info.get(DECODED):
-                parts.append(preprocess_images([frame], num_crops, crop_slots=slots))
-                continue
-            key = (id(frame), num_crops, slots)
-            with self._pre_lock:
-                hit = self._pre_cache.get(key)
-                if hit is not None and hit[0]() is frame:
-                    self._pre_cache.move_to_end(key)
-                    parts.append(hit[1])
-                    continue
-            done = preprocess_images([frame], num_crops, crop_slots=slots)
-            drop = functools.partial(_forget, self._pre_dead, key)  # binds the list, not self: no cycle
-            with self._pre_lock:
-                self._pre_cache[key] = (weakref.ref(frame, drop), done)
-                if len(self._pre_cache) > _CACHE_SIZE:
-                    self._pre_cache.popitem(last=False)
-            parts.append(done)
-        if len(parts) == 1:
-            return parts[0]
-        width = max(p.pixel_values.shape[1] for p in parts)
-        pixels = np.zeros((len(parts), width, *parts[0].pixel_values.shape[2:]), np.float32)
-        for i, p in enumerate(parts):
-            pixels[i, : p.pixel_values.shape[1]] = p.pixel_values[0]
-        return Preprocessed(
-            pixel_values=pixels,
-            image_sizes=np.concatenate([p.image_sizes for p in parts]),
-            num_image_tokens=np.concatenate([p.num_image_tokens for p in parts]),
-        )
-
-    def _purge_dead(self) -> None:
-        """Drop cache entries whose image died (call with the lock held)."""
-        while self._pre_dead:
-            key = self._pre_dead.pop()
-            entry = self._pre_cache.get(key)
-            if entry is not None and entry[0]() is None:
-                self._pre_cache.pop(key)
 
     def _use_og_processor(self, num_crops: int, opts: GenerationOptions) -> bool:
         if self.preprocessor == "onnxruntime-genai":
@@ -421,28 +419,6 @@ def _pixel_dtype(info: ModelInfo) -> np.dtype:
     return np.dtype(np.float16 if declared is not None and declared.dtype == "float16" else np.float32)
 
 
-def _added_tokens(folder: Path) -> tuple[str, ...]:
-    """The tokenizer's added tokens (its control tokens), read from tokenizer.json; Phi-3's set is always included."""
-    import json
-
-    path = folder / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        added = [t["content"] for t in data.get("added_tokens", [])]
-    except FileNotFoundError as err:
-        raise ModelError(f"{folder} has no tokenizer.json: re-download or re-export the model") from err
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ModelError(
-            f"{path} is unreadable or corrupt ({_og.first_line(err)}): re-download or re-export it"
-        ) from err
-    return tuple(dict.fromkeys([*PHI3_SPECIAL_TOKENS, *(t for t in added if isinstance(t, str) and t)]))
-
-
-def _forget(dead: list, key: tuple, _ref: weakref.ref) -> None:
-    # Runs inside garbage collection, possibly while this thread holds the cache lock: only record the key.
-    dead.append(key)
-
-
 def _as_options(options: GenerationOptions | Mapping[str, Any]) -> GenerationOptions:
     if isinstance(options, GenerationOptions):
         return options
@@ -457,43 +433,3 @@ def _as_list(images) -> list:
     if isinstance(images, (str, bytes, Path)) or not isinstance(images, Sequence):
         return [images]
     return list(images)
-
-
-def _time_label(frame) -> str:
-    """``[m:ss.s] `` for a video frame, nothing for other images."""
-    seconds = frame.info.get(TIMESTAMP)
-    if seconds is None:
-        return ""
-    return f"[{int(seconds // 60)}:{seconds % 60:04.1f}] "
-
-
-def _expand_message(message: Any, max_frames: int, sampling: str = "uniform") -> Any:
-    """Replace each image part with one part per frame (decoded with Pillow)."""
-    if not isinstance(message, Mapping) or not isinstance(message.get("content"), list):
-        return message
-    parts = []
-    for part in message["content"]:
-        if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
-            src = part.get("image") if part.get("type") == "image" else part.get("image_url")
-            if isinstance(src, Mapping):
-                src = src.get("url")
-            if getattr(src, "info", {}).get(DECODED):
-                parts.append({"type": "image", "image": src})
-                continue
-            if src is not None:
-                frames = load_frames(src, max_frames=max_frames, sampling=sampling)
-                parts.extend({"type": "image", "image": f} for f in frames)
-                continue
-        parts.append(part)
-    return {**message, "content": parts}
-
-
-def _end_tokens(tokenizer: _og.Tokenizer) -> list[int]:
-    ids = []
-    for text in ("<|end|>", "<|endoftext|>"):
-        encoded = tokenizer.encode(text)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    if not ids:
-        raise ModelError("the tokenizer has no <|end|> token: is this a Phi-3-vision tokenizer?")
-    return ids

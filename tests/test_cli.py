@@ -41,7 +41,7 @@ def test_run_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, example_
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the answer goes to stdout"
-    assert re.search(r"\[\d{4} prompt tokens \(1921 image\), 6 generated", done.stderr), done.stderr
+    assert re.search(r"\[\d{4} prompt tokens \(1921 image, 0 cached\), 6 generated", done.stderr), done.stderr
     assert "tokens/s" not in done.stdout
 
 
@@ -117,8 +117,8 @@ def test_chat_keeps_history_and_commands(tiny_model_dir, example_image):
     assert done.returncode == 0, done.stderr
     stats = [line for line in done.stderr.splitlines() if "prompt tokens" in line]
     assert len(stats) == 3
-    assert "(1921 image)" in stats[0] and "(1921 image)" in stats[1], "turn 2 keeps turn 1's image"
-    assert "(0 image)" in stats[2], "/reset forgets the image"
+    assert "(1921 image," in stats[0] and "(1921 image," in stats[1], "turn 2 keeps turn 1's image"
+    assert "(0 image," in stats[2], "/reset forgets the image"
     assert "file.png" in done.stderr and "unknown command /bogus" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -325,7 +325,7 @@ def test_cli_fetch_then_run_the_default_model_served_by_the_hub(tmp_path, tiny_m
         answered = cli("run", "-i", str(example_image), "Describe this image.", "--max-new-tokens", "4", "-d", "cpu")
         assert answered.returncode == 0, answered.stderr
         assert answered.stdout.strip()
-        assert "(1921 image), 4 generated" in answered.stderr
+        assert "(1921 image, 0 cached), 4 generated" in answered.stderr
     offline = cli(
         "run",
         "-i",

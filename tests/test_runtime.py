@@ -319,18 +319,20 @@ def test_no_memory_growth_over_100_generations(tiny_model, example_image):
     assert growth < 0.05, f"RSS grew {growth:.1%} over 100 generations"
 
 
-def test_chat_history_images_are_preprocessed_once(tiny_model, monkeypatch):
-    import phi_onnx.model as model_module
+@pytest.mark.parametrize("vision", ["phi-onnx", "onnxruntime-genai"])
+def test_chat_history_images_are_preprocessed_once(tiny_model, tiny_model_dir, monkeypatch, vision):
+    import phi_onnx.preprocess
 
     calls = []
-    real = model_module.preprocess_images
+    real = phi_onnx.preprocess.preprocess_images
 
     def counting(images, num_crops, **kw):
         calls.append((len(images), num_crops))
         return real(images, num_crops, **kw)
 
-    monkeypatch.setattr(model_module, "preprocess_images", counting)
-    chat = tiny_model.chat(max_new_tokens=2)
+    monkeypatch.setattr(phi_onnx.preprocess, "preprocess_images", counting)
+    model = tiny_model if vision == "phi-onnx" else phi_onnx.load(tiny_model_dir, device="cpu", vision=vision)
+    chat = model.chat(max_new_tokens=2)
     first = chat.send("What is it?", images=[make_image(500, 300, 5)])
     second = chat.send("Again?")
     assert calls == [(1, 16)], "turn 2 reuses turn 1's HD transform"
@@ -351,7 +353,9 @@ def test_generate_reports_num_crops_for_messages(tiny_model, example_image):
     assert tiny_model.generate("Hi", max_new_tokens=2).num_crops is None
 
 
-def test_plain_calls_retain_no_preprocessed_images(tiny_model, example_image):
+def test_plain_calls_retain_no_preprocessed_images(tiny_model_dir, example_image):
+    # The HD transform cache serves the vision graph run inside og; phi-onnx's own vision session caches features.
+    tiny_model = phi_onnx.load(tiny_model_dir, device="cpu", vision="onnxruntime-genai")
     tiny_model._pre_cache.clear()
     tiny_model.generate("What is it?", images=[example_image], max_new_tokens=1)
     assert len(tiny_model._pre_cache) == 0

@@ -52,7 +52,7 @@ def test_malformed_constraints_are_options_errors(values, message):
 )
 def test_constraints_llguidance_rejects_are_refused_before_any_image_work(tiny_model, example_image, monkeypatch,
                                                                          values, message):  # fmt: skip
-    import phi_onnx.model as model_module
+    import phi_onnx.preprocess as model_module  # every HD transform goes through this module
 
     calls = []
     monkeypatch.setattr(model_module, "preprocess_images", lambda *a, **k: calls.append(1))

@@ -200,8 +200,9 @@ def _load(model: str | None, kw: dict[str, Any]):
 
 def _stats(result) -> str:
     return (
-        f"[{result.prompt_tokens} prompt tokens ({result.image_tokens} image), {result.generated_tokens} generated; "
-        f"first token {result.time_to_first_token_ms:.0f} ms (preprocess {result.preprocess_ms:.0f} ms), "
+        f"[{result.prompt_tokens} prompt tokens ({result.image_tokens} image, {result.cached_tokens} cached), "
+        f"{result.generated_tokens} generated; first token {result.time_to_first_token_ms:.0f} ms (preprocess "
+        f"{result.preprocess_ms:.0f} ms, vision {result.vision_ms:.0f} ms, {result.image_cache_hits} cached images), "
         f"{result.decode_tokens_per_s:.1f} tokens/s; {result.finish_reason}]"
     )
 

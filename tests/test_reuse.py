@@ -1,0 +1,347 @@
+"""Never encode the same thing twice: image feature cache, conversation KV reuse, prefix reuse for stateless callers.
+
+Parity: every reuse path is compared with a fresh generator in which onnxruntime-genai runs the real vision graph
+itself, fed exactly the ids the reused generator holds: greedy tokens identical, fp32 logits within 1e-4. Where the
+request's own tokenisation is known to match, the held ids are also checked against a fresh tokenisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import phi_onnx
+from phi_onnx import _og
+from phi_onnx.errors import OptionsError
+from phi_onnx.passthrough import passthrough_model
+from phi_onnx.preprocess import image_token_count
+
+TOL = 1e-4
+NEW = 6
+CLI_OPTS = ("--max-new-tokens", "4", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def reuse_model(tiny_model_dir):
+    model = phi_onnx.load(tiny_model_dir, device="cpu", options={"max_new_tokens": NEW})
+    model._probe = {}
+    return model
+
+
+@pytest.fixture(scope="module")
+def fresh_model(tiny_model_dir):
+    """The reference: og runs the vision graph, nothing is cached or kept."""
+    return phi_onnx.load(tiny_model_dir, device="cpu", vision="onnxruntime-genai", kv_pool=0, image_cache_mb=0)
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with every third ordinary token declared end-of-sequence, so its random answers end the way
+    real ones do (og stops at an EOS id by itself) after a few tokens."""
+    folder = tmp_path_factory.mktemp("tiny-eos")
+    for item in tiny_model_dir.iterdir():
+        if item.name != "genai_config.json":
+            os.symlink(item, folder / item.name)
+    config = json.loads((tiny_model_dir / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = [*config["model"]["eos_token_id"], *range(300, 32000, 3)]
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(example_image):
+    base = Image.open(example_image).convert("RGB")
+    return [base, base.rotate(90, expand=True), base.resize((200, 500))]
+
+
+def _user(text, imgs=()):
+    return {"role": "user", "content": [*({"type": "image", "image": i} for i in imgs), {"type": "text", "text": text}]}
+
+
+def _fresh_run(fresh, ids: list[int], messages, steps: int):
+    """Greedy tokens and logits of a fresh og generator (og runs the vision graph) fed ``ids`` and the images."""
+    prepared = fresh.prepare(messages=messages, options=phi_onnx.GenerationOptions(max_new_tokens=steps))
+    inputs = dict(prepared.inputs)
+    inputs["input_ids"] = np.asarray([ids], dtype=np.int32)
+    gen = _og.LiveGenerator(fresh._model, {"max_length": len(ids) + steps, "do_sample": False, "top_k": 1})
+    gen.probe = []
+    gen.start(inputs)
+    tokens = [t for _, t in zip(range(steps), gen.tokens(), strict=False)]
+    return tokens, gen.probe
+
+
+def _check_parity(model, fresh, result, messages):
+    ids, logits = model._probe["ids"], model._probe["logits"]
+    tokens, ref_logits = _fresh_run(fresh, ids, messages, len(logits))  # an EOS-ended answer's last step included
+    assert list(result.token_ids) == tokens[: len(result.token_ids)]
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits, strict=True))
+    assert worst < TOL, worst
+    return ids
+
+
+def test_passthrough_graph_is_valid_onnx_and_identity():
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    for dtype, np_dtype in (("float32", np.float32), ("float16", np.float16)):
+        data = passthrough_model(dtype, 64)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((7, 64)).astype(np_dtype)
+        out = session.run(None, {"pixel_values": x, "image_sizes": np.zeros((1, 2), np.int64)})[0]
+        assert out.dtype == np_dtype and np.array_equal(out, x)
+
+
+def test_model_folder_is_not_modified(reuse_model, tiny_model_dir):
+    names = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert not any("passthrough" in n for n in names)
+    assert reuse_model._vision is not None
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_cached_features_match_og_vision(reuse_model, fresh_model, images, count):
+    imgs = images[:count]
+    reuse_model._vision.cache.clear()
+    messages = [_user("Describe the pictures.", imgs)]
+    reuse_model.sessions.clear()
+    first = reuse_model.generate(messages=messages)
+    ids = _check_parity(reuse_model, fresh_model, first, messages)
+    assert ids == fresh_model.prepare(messages=messages).inputs["input_ids"][0].tolist()
+    assert first.image_cache_hits == 0 and (first.vision_ms > 0) == (count > 0)
+    reuse_model.sessions.clear()  # a new call, not a continuation: features from the cache
+    second = reuse_model.generate(messages=messages)
+    _check_parity(reuse_model, fresh_model, second, messages)
+    assert second.image_cache_hits == count and second.vision_ms == 0 and second.cached_tokens == 0
+    assert second.token_ids == first.token_ids
+
+
+def test_feature_cache_keys_on_pixels_and_crops(reuse_model, example_image, tmp_path):
+    cache = reuse_model._vision.cache
+    cache.clear()
+    reuse_model.generate("What is it?", images=[example_image], num_crops=4)
+    png = tmp_path / "same-pixels.png"
+    Image.open(example_image).convert("RGB").save(png)  # other file, other format, same decoded pixels
+    again = reuse_model.generate("What is it?", images=[png], num_crops=4)
+    assert again.image_cache_hits == 1 and again.vision_ms == 0
+    other = reuse_model.generate("What is it?", images=[png], num_crops=2)
+    assert other.image_cache_hits == 0 and other.vision_ms > 0
+    edited = Image.open(png).convert("RGB")
+    edited.putpixel((0, 0), (1, 2, 3))
+    assert reuse_model.generate("What is it?", images=[edited], num_crops=4).image_cache_hits == 0
+
+
+def test_feature_cache_is_bounded_lru(tiny_model_dir, images):
+    model = phi_onnx.load(tiny_model_dir, device="cpu", image_cache_mb=0.8, options={"max_new_tokens": 1})
+    one = model.generate("a", images=[images[0]], num_crops=4)  # 757 tokens x 64 x 4 bytes = 0.19 MB each
+    assert one.image_cache_hits == 0
+    for img in images[1:]:
+        model.generate("a", images=[img], num_crops=4)
+    assert model._vision.cache.nbytes <= 0.8 * 2**20
+    model.generate("a", images=[images[0]], num_crops=16)  # 1921 tokens: 0.49 MB, pushes out the oldest
+    assert model._vision.cache.nbytes <= 0.8 * 2**20
+    assert model.generate("a", images=[images[0]], num_crops=4).image_cache_hits == 0  # evicted
+    assert model.generate("a", images=[images[0]], num_crops=16).image_cache_hits == 1
+
+
+@pytest.mark.parametrize("eos", [False, True], ids=["length-ended", "eos-ended"])
+def test_four_turn_chat_appends_and_matches_fresh(reuse_model, fresh_model, eos_model_dir, images, eos):
+    model = reuse_model
+    if eos:
+        model = phi_onnx.load(eos_model_dir, device="cpu", options={"max_new_tokens": NEW})
+        model._probe = {}
+    chat = model.chat()
+    turns = [("Describe it.", [images[0]]), ("What colour is it?", []), ("And this one?", [images[1]]), ("Why?", [])]
+    for number, (text, imgs) in enumerate(turns, start=1):
+        result = chat.send(text, images=imgs)
+        assert result.finish_reason == ("stop" if eos else "length")
+        conversation = chat.messages[:-1]
+        ids = _check_parity(model, fresh_model, result, conversation)
+        if eos:  # the answers' ids re-tokenise exactly here: the held ids are a fresh tokenisation's
+            assert ids == fresh_model.prepare(messages=conversation).inputs["input_ids"][0].tolist()
+        if number in (2, 4):  # text follow-ups: only their own tokens are prefilled
+            assert result.cached_tokens > 0 and result.vision_ms == 0
+            assert result.prompt_tokens - result.cached_tokens < 30
+        else:  # a turn with a new image encodes again, earlier images' features from the cache
+            assert result.cached_tokens == 0
+        if number == 3:
+            assert result.image_cache_hits == 1
+    # the first image kept its 16 crops when the second arrived (1921 tokens), the second got 4
+    assert result.image_tokens == 1921 + image_token_count(*images[1].size, 4)
+
+
+def test_stateless_messages_continue_a_recent_generation(reuse_model, fresh_model, images):
+    reuse_model.sessions.clear()
+    messages = [_user("What is this?", [images[0]])]
+    first = reuse_model.generate(messages=messages)
+    assert len(reuse_model.sessions) == 1
+    messages += [{"role": "assistant", "content": first.text}, _user("Tell me more.")]
+    second = reuse_model.generate(messages=messages)
+    assert second.cached_tokens >= first.prompt_tokens and second.image_cache_hits == 1 and second.vision_ms == 0
+    _check_parity(reuse_model, fresh_model, second, messages)
+    # a different history (edited answer, or another image with the same placeholder ids) does not continue it
+    edited = [messages[0], {"role": "assistant", "content": first.text + " no"}, messages[2]]
+    assert reuse_model.generate(messages=edited).cached_tokens == 0
+    other = [_user("What is this?", [images[0].transpose(Image.FLIP_LEFT_RIGHT)]), *messages[1:]]
+    assert reuse_model.generate(messages=other).cached_tokens == 0
+
+
+def test_an_answer_that_retokenises_differently_still_continues(reuse_model, fresh_model):
+    """The KV keeps the generated ids; the request's text matches, its ids do not: continued, tail appended."""
+    reuse_model.sessions.clear()
+    messages = [_user("Hello there.")]
+    first = reuse_model.generate(messages=messages)
+    live = next(iter(reuse_model.sessions._items.values()))
+    start = live.answer_start
+    # Pretend the answer's ids were other pieces of the same text: one token split in two that the vocabulary has.
+    vocab = json.loads((reuse_model.folder / "tokenizer.json").read_text())["model"]["vocab"]
+    piece_of = {i: p for p, i in vocab.items()}
+    answer = live.ids[start:]
+    for n, token in enumerate(answer):
+        piece = piece_of.get(token, "")
+        cut = next((k for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab), None)
+        if cut is not None:
+            answer = [*answer[:n], vocab[piece[:cut]], vocab[piece[cut:]], *answer[n + 1 :]]
+            break
+    else:
+        pytest.skip("no token of this answer splits into two vocabulary pieces")
+    decode = reuse_model._tokenizer.decode
+    assert decode(answer) == decode(live.ids[start:]) and answer != live.ids[start:]
+    live.ids = [*live.ids[:start], *answer]
+    follow = [*messages, {"role": "assistant", "content": first.text}, _user("Again.")]
+    continued = reuse_model.generate(messages=follow)
+    assert continued.cached_tokens > 0 and reuse_model.sessions.by_text >= 1
+    # what the generator really holds is the generated ids, whatever ``live.ids`` said: parity on its sequence
+    _check_parity(reuse_model, fresh_model, continued, follow)
+
+
+def test_one_generator_serves_one_continuation(tiny_model_dir):
+    model = phi_onnx.load(tiny_model_dir, device="cpu", options={"max_new_tokens": NEW})
+    messages = [_user("Hello there.")]
+    first = model.generate(messages=messages)
+    follow = [*messages, {"role": "assistant", "content": first.text}, _user("Again.")]
+    continued = model.generate(messages=follow)
+    model.sessions.clear()
+    fresh = model.generate(messages=follow)
+    assert continued.cached_tokens > 0 and fresh.cached_tokens == 0
+    model.sessions.clear()
+    model.generate(messages=messages)  # leaves one generator holding the first turn again
+    results: list = []
+    barrier = threading.Barrier(2)
+
+    def ask():
+        barrier.wait(timeout=30)
+        results.append(model.generate(messages=follow))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 2
+    reused = [r for r in results if r.cached_tokens > 0]
+    started = [r for r in results if r.cached_tokens == 0]
+    assert len(reused) == 1 and len(started) == 1
+    assert reused[0].token_ids == continued.token_ids and started[0].token_ids == fresh.token_ids
+
+
+def test_stop_string_seed_and_guidance_are_not_kept(tiny_model_dir):
+    model = phi_onnx.load(tiny_model_dir, device="cpu", options={"max_new_tokens": NEW})
+    messages = [_user("Hello there.")]
+    probe = model.generate(messages=messages)
+    model.sessions.clear()
+    stop = model._tokenizer.decode(list(probe.token_ids[2:3]))
+    cut = model.generate(messages=messages, stop=[stop])
+    assert cut.finish_reason == "stop" and len(model.sessions) == 0
+    model.generate(messages=messages, temperature=0.7, seed=3)
+    assert len(model.sessions) == 0
+    model.generate(messages=messages, regex="[ab]{3}")
+    assert len(model.sessions) == 0
+    model.generate(messages=messages)
+    follow = [*messages, {"role": "assistant", "content": probe.text}, _user("Again.")]
+    guided = model.generate(messages=follow, regex="[ab]{3}")  # never continues an unconstrained generator
+    assert guided.cached_tokens == 0 and guided.text in ("aaa", "aab", "aba", "abb", "baa", "bab", "bba", "bbb")
+    assert len(model.sessions) == 1
+
+
+def test_chat_after_a_constrained_turn_stays_correct(reuse_model, fresh_model):
+    chat = reuse_model.chat()
+    chat.send("Hello.")
+    guided = chat.send("Pick.", regex="[ab]{3}")
+    assert guided.cached_tokens == 0 and len(guided.text) == 3
+    third = chat.send("Why?")  # continues turn 1's generator: turn 2 and 3 are prefilled as text
+    assert third.cached_tokens > 0
+    _check_parity(reuse_model, fresh_model, third, chat.messages[:-1])
+
+
+def test_turn_that_does_not_fit_encodes_again(tiny_model_dir):
+    model = phi_onnx.load(tiny_model_dir, device="cpu", kv_reserve=4, options={"max_new_tokens": NEW})
+    chat = model.chat()
+    chat.send("Hello there.")
+    second = chat.send("A much longer follow-up question that cannot fit in four tokens of room.")
+    assert second.cached_tokens == 0 and len(chat.messages) == 4
+    assert chat.kv_bytes == model.kv_token_bytes * (second.prompt_tokens + NEW + 4)
+
+
+def test_min_new_tokens_applies_to_appended_turns(eos_model_dir):
+    model = phi_onnx.load(eos_model_dir, device="cpu", options={"max_new_tokens": NEW})
+    chat = model.chat()
+    assert chat.send("Hello there.").finish_reason == "stop"
+    result = chat.send("Hello there.", min_new_tokens=NEW)
+    assert result.cached_tokens > 0 and result.generated_tokens == NEW
+
+
+def test_interrupted_turn_is_not_kept(reuse_model):
+    chat = reuse_model.chat()
+    stream = chat.stream("Hello.")
+    next(stream)
+    stream.close()
+    assert chat.messages == [] and chat.kv_bytes == 0
+
+
+def test_bad_reuse_options_are_one_line_errors(tiny_model_dir):
+    for kw, word in (
+        ({"vision": "gpu"}, "vision runner"),
+        ({"image_cache_mb": -1}, "image_cache_mb"),
+        ({"kv_reserve": 1.5}, "kv_reserve"),
+        ({"kv_pool": -2}, "kv_pool"),
+        ({"kv_pool_mb": float("nan")}, "kv_pool_mb"),
+    ):
+        with pytest.raises(OptionsError, match=word) as info:
+            phi_onnx.load(tiny_model_dir, device="cpu", **kw)
+        assert "\n" not in str(info.value)
+
+
+def test_cli_chat_stats_show_cached_tokens(tiny_model_dir, example_image):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "phi_onnx", "chat", str(tiny_model_dir), "-i", str(example_image), *CLI_OPTS],
+        input="Describe this image.\nWhat colour is it?\nAnd the shape?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    stats = [line for line in (done.stdout + done.stderr).splitlines() if "prompt tokens" in line]
+    assert len(stats) == 3, done.stderr
+    assert ", 0 cached)" in stats[0] and all(", 0 cached)" not in s for s in stats[1:])
+    assert "vision 0 ms" in stats[1] and "vision 0 ms" not in stats[0]
+
+
+def test_an_unwritable_cache_dir_falls_back_to_og_vision(tiny_model_dir, tmp_path, monkeypatch, example_image):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PHI_ONNX_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="image features are not cached: the cache directory .* is not writable"):
+        model = phi_onnx.load(tiny_model_dir, device="cpu")
+    assert model._vision is None
+    result = model.generate("What is it?", images=[example_image], max_new_tokens=2)
+    assert result.image_tokens == 1921 and result.vision_ms == 0 and result.image_cache_hits == 0
