@@ -282,6 +282,24 @@ class PhiVision:
         start = time.perf_counter() if start is None else start
         return self._prepare(prompt, images, messages, system, options or self.options, start, lazy=False)
 
+    def count_tokens(
+        self,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] | ImageInput = (),
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        system: str | None = None,
+        options: GenerationOptions | None = None,
+    ) -> int:
+        """The prompt's length in tokens (image tokens included), as :meth:`stream` would feed it.
+
+        Images are decoded and measured but not cut into crops where phi-onnx runs the vision graph (the count follows
+        from their sizes), so this costs a fraction of :meth:`prepare`. Raises the errors :meth:`stream` would for a
+        prompt that cannot fit in the context.
+        """
+        opts = options or self.options
+        return self._prepare(prompt, images, messages, system, opts, time.perf_counter(), lazy=True).prompt_tokens
+
     def _prepare(self, prompt, images, messages, system, opts: GenerationOptions, start: float, lazy: bool):
         """:meth:`prepare`; with ``lazy`` and phi-onnx's vision session, the image inputs are image features made on
         demand (from the feature cache where it can), so a continued generator costs no image work at all."""

@@ -345,3 +345,27 @@ def test_an_unwritable_cache_dir_falls_back_to_og_vision(tiny_model_dir, tmp_pat
     assert model._vision is None
     result = model.generate("What is it?", images=[example_image], max_new_tokens=2)
     assert result.image_tokens == 1921 and result.vision_ms == 0 and result.image_cache_hits == 0
+
+
+@pytest.mark.parametrize(
+    "crops, preprocessor", [(None, "phi-onnx"), (1, "phi-onnx"), (9, "phi-onnx"), (None, "onnxruntime-genai")]
+)
+def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images, crops, preprocessor):
+    """count_tokens (the server's check before a prompt pass) gives the prompt length stream() feeds, for one and
+    several images, text only, and og's preprocessing, while it skips the HD transform where phi-onnx owns vision."""
+    model = reuse_model if preprocessor == "phi-onnx" else phi_onnx.load(tiny_model_dir, preprocessor=preprocessor)
+    opts = {"max_new_tokens": 1, **({"num_crops": crops} if crops else {})}
+    cases = [
+        [{"role": "user", "content": "just text"}],
+        [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "What?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": "Compare."}],
+            }
+        ],
+    ]
+    for messages in cases:
+        count = model.count_tokens(messages=messages, options=model.options.updated(opts))
+        fed = model.generate(messages=messages, options=opts).prompt_tokens
+        assert count == fed == model.prepare(messages=messages, options=model.options.updated(opts)).prompt_tokens

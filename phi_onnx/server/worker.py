@@ -56,9 +56,9 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
         options = request["options"]
         limit = request.get("max_prompt_tokens")
         if request.get("max_tokens_default") or limit is not None:
-            # The prompt's exact length before the prompt pass (the HD transform done here is reused by stream()).
+            # The prompt's exact length before the prompt pass, from the images' sizes (no HD transform).
             probe = GenerationOptions.from_mapping(options, max_new_tokens=max(1, options.get("min_new_tokens", 0)))
-            prompt_tokens = model.prepare(messages=messages, options=probe).prompt_tokens
+            prompt_tokens = model.count_tokens(messages=messages, options=probe)
             if limit is not None and prompt_tokens > limit:
                 message = (
                     f"the prompt is {prompt_tokens:,} tokens, over this server's limit of {limit:,}: shorten it or "
