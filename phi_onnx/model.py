@@ -342,6 +342,14 @@ class PhiVision:
         elapsed = (time.perf_counter() - start) * 1e3
         return PreparedInputs(inputs, text, int(ids.shape[1]), image_tokens, num_crops, elapsed, times, keys, pixels)
 
+    def check_options(self, options: GenerationOptions | Mapping[str, Any] | None = None) -> GenerationOptions:
+        """The options merged over this model's defaults, or the OptionsError :meth:`generate` would raise for them
+        (limits of this model's vocabulary and context, a JSON schema, regex or grammar that does not compile), without
+        generating. Batch jobs call it once before their first item."""
+        opts = options if isinstance(options, GenerationOptions) else self.options.updated(options)
+        self._check_options(opts)
+        return opts
+
     def _check_options(self, opts: GenerationOptions) -> None:
         """Limits that come from the model rather than from the option itself."""
         if self.vocab_size is not None and opts.top_k > self.vocab_size:

@@ -453,3 +453,82 @@ def test_remote_images_follow_the_servers_policy(tiny_model, example_image, tmp_
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_outputs_that_cannot_take_results_are_refused_before_any_model_loads(tmp_path):
+    """The output is checked first: the model named here does not exist, so any refusal seen is the output's."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "hello"}\n')
+    original = requests.read_bytes()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    missing_model = str(tmp_path / "no-model-here")
+    for output, message in [
+        (requests, "is the job's input: give the results their own file"),
+        (fifo, "is not a regular file (resuming reads it back)"),
+        (tmp_path / "folder", "is a directory"),
+    ]:
+        cmd = [sys.executable, "-m", "phi_onnx", "batch", str(requests), missing_model, "-o", str(output)]
+        bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+        assert message in bad.stderr and "no-model-here" not in bad.stderr
+    assert requests.read_bytes() == original
+    # A job whose items are all done loads no model and starts no Ray.
+    done = tmp_path / "done.jsonl"
+    done.write_text('{"id": "a", "answer": "x", "error": null}\n{"id": "b", "answer": "y", "error": null}\n')
+    for extra in ([], ["--ray"]):
+        cmd = [sys.executable, "-m", "phi_onnx", "batch", str(requests), missing_model, "-o", str(done), *extra]
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert again.stderr == f"batch: all 2 items are already in {done}; nothing to do\n"
+
+
+def test_inputs_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad write a BOM; it must not become part of the first header or line."""
+    _image(tmp_path / "a.png", 1)
+    table = tmp_path / "photos.csv"
+    table.write_text("image,prompt\na.png,What is it?\n", encoding="utf-8-sig")
+    assert [(r.id, r.prompt) for r in read_requests(table)] == [("row-1", "What is it?")]
+    lines = tmp_path / "requests.jsonl"
+    lines.write_text('{"id": "x", "prompt": "hi"}\n', encoding="utf-8-sig")
+    assert [r.id for r in read_requests(lines)] == ["x"]
+
+
+def test_bad_job_wide_options_stop_the_job_before_its_first_item(tiny_model, tmp_path):
+    """A regex that does not compile would otherwise be an error line for every one of a million items."""
+    from phi_onnx.errors import OptionsError
+
+    lines = tmp_path / "requests.jsonl"
+    lines.write_text("".join(json.dumps({"id": str(i), "prompt": "hi"}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    for options in ({"regex": "(unclosed"}, {"max_new_tokens": 10**7}):
+        with pytest.raises(OptionsError):
+            run_job(tiny_model, read_requests(lines), out, options=options, progress=False, log=lambda _: None)
+        assert not out.exists() or out.read_text() == ""
+
+
+def test_a_full_disk_is_one_error_and_leaves_only_whole_lines(tmp_path):
+    """A write that fails part-way (here the file-size limit; a full disk or quota alike) takes its partial line
+    back and says what to do; the lines before it stay, so the rerun resumes."""
+    out = tmp_path / "out.jsonl"
+    script = f"""
+import resource
+from phi_onnx.batch import ResultFile
+from phi_onnx.errors import BatchError
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+with ResultFile({str(out)!r}) as f:
+    try:
+        for i in range(100):
+            f.write({{"id": str(i), "answer": "x" * 40, "error": None}})
+    except BatchError as err:
+        print(err)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "cannot write to --output" in run.stdout and "run the same command again" in run.stdout, run.stdout
+    text = out.read_text()
+    assert text.endswith("\n") and 0 < len(text) <= 200
+    with ResultFile(out) as again:
+        assert not again.repaired and again.done == {str(i) for i in range(text.count("\n"))}

@@ -193,7 +193,7 @@ class _opened:
 
     def __enter__(self):
         try:
-            self.file = open(self.path, encoding="utf-8", newline="")
+            self.file = open(self.path, encoding="utf-8-sig", newline="")  # a BOM (Excel, Notepad) is not data
         except OSError as err:
             raise BatchError(f"cannot read {str(self.path)!r} ({err.strerror}): check the path") from err
         return _decoded(self.file, self.path)

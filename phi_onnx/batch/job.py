@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -182,6 +183,11 @@ class ResultFile:
         except OSError as err:
             raise BatchError(f"cannot open --output {str(self.path)!r} ({err.strerror}): check the path") from err
         try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO or device: the scan would block or read input
+                raise BatchError(
+                    f"--output {str(self.path)!r} is not a regular file (resuming reads it back): give a .jsonl file "
+                    "path, and read the results from it"
+                )
             _lock(self._fd, self.path)
             self._scan()
             if self.retry_errors and self.failed_before:
@@ -258,9 +264,36 @@ class ResultFile:
         data = (text.rstrip("\n") + "\n").encode("utf-8")
         if self._fd is None:
             raise BatchError("the result file is closed")
+        end = os.lseek(self._fd, 0, os.SEEK_END)
         view = memoryview(data)
-        while view:  # a regular file takes the whole line in one write; the loop covers signals mid-write
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:  # a regular file takes the whole line in one write; the loop covers signals mid-write
+                view = view[os.write(self._fd, view) :]
+        except OSError as err:  # a full disk or quota, an I/O error: no half line is left behind
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)
+            raise BatchError(
+                f"cannot write to --output {str(self.path)!r} ({err.strerror}): free space (or fix the disk) and run "
+                "the same command again; the lines already written are kept and their items are skipped"
+            ) from err
+
+
+def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), retry_errors: bool = False):
+    """Check, before any model is loaded, that ``output`` can take a job's results; returns (ids done, lines to retry).
+
+    Refuses an output that is one of the ``inputs`` (the job would read its own results as requests, or write over
+    them), and everything :class:`ResultFile` refuses: a folder, a FIFO or device, another job's file, a file that is
+    not a batch result, a path that cannot be created.
+    """
+    path = Path(output).expanduser()
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if path.exists() and os.path.samefile(path, source):
+                raise BatchError(
+                    f"--output {str(path)!r} is the job's input: give the results their own file, e.g. results.jsonl"
+                )
+    with ResultFile(path) as out:
+        return set(out.done), out.failed_before if retry_errors else 0
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -362,7 +395,7 @@ def run_job(
     Raises:
         BatchError: The output cannot be opened, is another job's, or is not a batch result file.
     """
-    defaults = _defaults(model, options)
+    defaults = model.check_options(_defaults(model, options))  # bad job-wide options stop the job, not each item
     requests = list(requests)
     with ResultFile(output, retry_errors=retry_errors) as out:
         pending = [r for r in requests if r.id not in out.done]

@@ -46,7 +46,7 @@ class _Worker:
         import phi_onnx
 
         self.model = phi_onnx.load(model, **load_options)
-        self.defaults = defaults
+        self.defaults = self.model.check_options(defaults)  # bad job-wide options fail the job, not each item
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lines = [
@@ -108,11 +108,12 @@ class RayJob:
         ray = require("ray", extra="ray", purpose="phi-onnx batch --ray")
         defaults = options if isinstance(options, GenerationOptions) else GenerationOptions.from_mapping(options)
         requests = list(requests)
-        started = self._connect(ray)
+        started = False
         try:
-            with ResultFile(output, retry_errors=retry_errors) as out:
+            with ResultFile(output, retry_errors=retry_errors) as out:  # the output is checked before Ray starts
                 pending = [r for r in requests if r.id not in out.done]
                 _say(None, _plan(len(requests), len(requests) - len(pending), out) + f" on Ray, {self.workers} workers")
+                started = bool(pending) and self._connect(ray)  # nothing to do starts no Ray
                 bar = Progress(len(pending), enabled=progress)
                 start = time.perf_counter()
                 try:

@@ -92,7 +92,7 @@ def batch(
       phi-onnx batch ./scans -p "Describe it." -o out.jsonl --ray --workers 2          # Ray Data, local
       phi-onnx batch ./scans -p "Describe it." -o out.jsonl --ray auto --workers 8     # an existing cluster
     """
-    from phi_onnx.batch import read_requests
+    from phi_onnx.batch import check_output, read_requests
     from phi_onnx.errors import BatchError
     from phi_onnx.options import GenerationOptions
 
@@ -109,6 +109,10 @@ def batch(
         raise BatchError("--allow-private-networks needs --allow-remote-images: add it, or drop the first")
     requests = read_requests(source, prompt=prompt, system=system, image_column=image_column, remote_images=remote)
     options = GenerationOptions.from_mapping(_options(kw))
+    done, to_retry = check_output(output, inputs=[source], retry_errors=retry_errors)  # before any model loads
+    if not to_retry and all(r.id in done for r in requests):
+        click.echo(f"batch: all {len(requests)} items are already in {output}; nothing to do", err=True)
+        return
     try:
         if ray_address is not None:
             from phi_onnx.batch.ray import RayJob
