@@ -38,7 +38,9 @@ class Chat:
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.pending: list[Any] = []
-        self._live = SessionPool(1, 2**62)  # this conversation's own generator, never evicted by other traffic
+        self._live = SessionPool(
+            1, 2**62, owned=True
+        )  # this conversation's own generator, never evicted by other traffic
 
     @property
     def image_count(self) -> int:

@@ -94,7 +94,8 @@ class Continuation:
 class SessionPool:
     """A thread-safe LRU of live generators, bounded by count and by KV bytes."""
 
-    def __init__(self, max_count: int, max_bytes: int) -> None:
+    def __init__(self, max_count: int, max_bytes: int, *, owned: bool = False) -> None:
+        self.owned = owned  # one conversation's own pool: its history's answers are the generators' answers
         self.max_count = max(0, int(max_count))
         self.max_bytes = max(0, int(max_bytes))
         self._items: OrderedDict[int, Live] = OrderedDict()
@@ -119,7 +120,7 @@ class SessionPool:
             for key, live in self._items.items():
                 if live.images != images or live.search_key != search_key:
                     continue
-                found = extends(live, ids, decode, end_ids)
+                found = extends(live, ids, decode, end_ids, trust_answer=self.owned)
                 if found is not None and (best is None or len(live.ids) > len(best[1].live.ids)):
                     best = (key, found)
             if best is None:
@@ -152,11 +153,17 @@ class SessionPool:
             live.close()
 
 
-def extends(live: Live, ids: Sequence[int], decode: Callable, end_ids: frozenset[int]) -> Continuation | None:
+def extends(
+    live: Live, ids: Sequence[int], decode: Callable, end_ids: frozenset[int], *, trust_answer: bool = False
+) -> Continuation | None:
     """How a request's ``ids`` continue ``live``, or None when they do not.
 
     Exact: ``ids`` start with everything the generator holds. By text: they agree up to the answer, the answer's text
-    decodes the same, and the request goes on with an end-of-turn id (the rest is then appended).
+    decodes the same (but for the space SentencePiece puts before a chunk's first word, which the generated answer
+    need not have), and the request goes on with an end-of-turn id (the rest is then appended). With
+    ``trust_answer`` (a conversation's own pool, whose history holds exactly the answers its generator produced) the
+    answer's text is not compared: re-tokenising generated text need not give it back byte for byte (a split UTF-8
+    character, an answer that starts without a space).
     """
     held = live.ids
     if len(ids) <= len(held):
@@ -171,11 +178,15 @@ def extends(live: Live, ids: Sequence[int], decode: Callable, end_ids: frozenset
         return None
     answer = held[start:-1] if live.end_kept else held[start:]
     tail = list(ids[end + 1 :] if live.end_kept else ids[end:])
-    if not tail or decode(answer) != decode(list(ids[start:end])):
+    if not tail or (not trust_answer and not _same_text(decode(answer), decode(list(ids[start:end])))):
         return None
     if live.end_kept and held[-1] != ids[end]:
         return None
     return Continuation(live, tail, False)
+
+
+def _same_text(generated: str, resent: str) -> bool:
+    return generated == resent or generated.removeprefix(" ") == resent.removeprefix(" ")
 
 
 def search_key(search: dict[str, Any]) -> tuple:

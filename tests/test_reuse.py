@@ -369,3 +369,35 @@ def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images
         count = model.count_tokens(messages=messages, options=model.options.updated(opts))
         fed = model.generate(messages=messages, options=opts).prompt_tokens
         assert count == fed == model.prepare(messages=messages, options=model.options.updated(opts)).prompt_tokens
+
+
+def test_an_answer_resent_with_a_leading_space_or_split_bytes_still_continues():
+    """SentencePiece puts a space before the first word of a chunk, so an answer generated without one ("d fila")
+    comes back from re-tokenisation as " d fila"; a stateless caller still continues. A conversation's own pool
+    (Chat) continues whatever its answer re-tokenises to: its history holds exactly what its generator produced."""
+    from phi_onnx.sessions import Live, SessionPool, extends
+
+    words = {1: "<s>", 5: "Q", 7: "d", 8: " fila", 9: " d", 10: "\ufffd", 11: "\u00e9", 32007: "<|end|>", 4: "?"}
+
+    def decode(ids):
+        return "".join(words[i] for i in ids if i not in (1, 32007))
+
+    end = frozenset({32007})
+
+    def live(answer):
+        return Live(None, [1, 5, *answer], 2, (), (), 0)
+
+    # generated "d fila", resent as " d fila" (ids differ): continues by text
+    found = extends(live([7, 8]), [1, 5, 9, 8, 32007, 4], decode, end)
+    assert found is not None and not found.exact and found.tail == [32007, 4]
+    # a different answer does not
+    assert extends(live([7, 8]), [1, 5, 9, 9, 32007, 4], decode, end) is None
+    # a split UTF-8 character decodes to U+FFFD when generated and differently when resent: only an owned pool trusts it
+    assert extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end) is None
+    owned = extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end, trust_answer=True)
+    assert owned is not None and owned.tail == [32007, 4]
+    # the question before the answer must still be the same, owned or not
+    assert extends(live([7, 8]), [1, 4, 9, 8, 32007, 4], decode, end, trust_answer=True) is None
+    pool = SessionPool(1, 2**62, owned=True)
+    pool.put(live([10, 8]))
+    assert pool.take([1, 5, 11, 8, 32007, 4], (), (), decode, end) is not None
