@@ -165,9 +165,10 @@ class ResultFile:
     lines to a new file that replaces it), so their items run again and each id still has one line.
     """
 
-    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, retry_errors: bool = False, repair: bool = True) -> None:
         self.path = Path(path).expanduser()
         self.retry_errors = retry_errors
+        self.repair = repair  # False: a check that changes nothing (a half-written last line is left for the job)
         self.done: set[str] = set()
         self.failed_before = 0
         self.retried = 0
@@ -242,7 +243,8 @@ class ResultFile:
                     f"--output {str(self.path)!r} ends with text that is not a result line: is it the right file? "
                     "Give a new path, or the JSONL an earlier phi-onnx batch run wrote"
                 )
-            os.ftruncate(self._fd, end)
+            if self.repair:
+                os.ftruncate(self._fd, end)
             self.repaired = True
 
     def _add(self, raw: bytes, number: int) -> None:
@@ -292,7 +294,7 @@ def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
                 raise BatchError(
                     f"--output {str(path)!r} is the job's input: give the results their own file, e.g. results.jsonl"
                 )
-    with ResultFile(path) as out:
+    with ResultFile(path, repair=False) as out:
         return set(out.done), out.failed_before if retry_errors else 0
 
 
