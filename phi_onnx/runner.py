@@ -47,6 +47,7 @@ def run(
                 hits = len(prepared.image_keys)  # their features are already in the KV cache
                 live.generator.append(found.tail, total + opts.min_new_tokens if opts.min_new_tokens else 0)
                 live.ids = [*live.ids, *found.tail]
+                live.prompt_ids = ids  # the caller's ids for all of it, which its next request will start with
             else:
                 found.live.close()  # the turn does not fit in what this generator has left: encode afresh
         if live is None:

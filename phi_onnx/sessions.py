@@ -73,6 +73,13 @@ class Live:
     search_key: tuple  # search options that must match to continue (lengths excluded)
     nbytes: int  # KV memory reserved (max_length x bytes per token)
     end_kept: bool = False  # ``ids`` ends with the end-of-turn id the answer stopped at (og was not done)
+    # The last request's prompt as its caller's ids: a resending caller's next request starts with these, while the
+    # cache may hold other ids for the same text (answers the model generated in a tokenisation of its own).
+    prompt_ids: list[int] | None = None
+
+    @property
+    def said(self) -> list[int]:
+        return self.prompt_ids if self.prompt_ids is not None else self.ids[: self.answer_start]
 
     def close(self) -> None:
         self.generator.close()
@@ -166,17 +173,16 @@ def extends(
     character, an answer that starts without a space).
     """
     held = live.ids
-    if len(ids) <= len(held):
-        return None
-    if list(ids[: len(held)]) == held:
+    if len(ids) > len(held) and list(ids[: len(held)]) == held:
         return Continuation(live, list(ids[len(held) :]), True)
-    start = live.answer_start
-    if list(ids[:start]) != held[:start]:
+    said = live.said
+    start = len(said)
+    if len(ids) <= start or list(ids[:start]) != said:
         return None
     end = next((i for i in range(start, len(ids)) if ids[i] in end_ids), None)
     if end is None:
         return None
-    answer = held[start:-1] if live.end_kept else held[start:]
+    answer = held[live.answer_start : -1] if live.end_kept else held[live.answer_start :]
     tail = list(ids[end + 1 :] if live.end_kept else ids[end:])
     if not tail or (not trust_answer and not _same_text(decode(answer), decode(list(ids[start:end])))):
         return None

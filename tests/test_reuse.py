@@ -401,3 +401,9 @@ def test_an_answer_resent_with_a_leading_space_or_split_bytes_still_continues():
     pool = SessionPool(1, 2**62, owned=True)
     pool.put(live([10, 8]))
     assert pool.take([1, 5, 11, 8, 32007, 4], (), (), decode, end) is not None
+    # Turn 3: the cache holds the model's ids for answer 1 ([7, 8]), the caller resends its own ([9, 8]); what must
+    # match is the caller's previous prompt, then answer 2 by text.
+    third = Live(None, [1, 5, 7, 8, 32007, 4, 7, 8], 6, (), (), 0, prompt_ids=[1, 5, 9, 8, 32007, 4])
+    found = extends(third, [1, 5, 9, 8, 32007, 4, 9, 8, 32007, 5], decode, end)
+    assert found is not None and found.tail == [32007, 5]
+    assert extends(third, [1, 5, 9, 8, 32007, 4, 9, 9, 32007, 5], decode, end) is None  # answer 2 differs
