@@ -103,21 +103,24 @@ def _keep_after(chunks: Iterator[Chunk], live: Live, pool: SessionPool | None, e
     every generator when ``pool`` is None.
     """
     kept = False
+    text: list[str] = []
     try:
         for chunk in chunks:
+            text.append(chunk.text)
             if chunk.finish_reason is not None and pool is not None:
                 # Kept before the last chunk goes out, so a caller that stops reading at finish_reason still has it.
-                kept = _keep(chunk, live, pool, eos)
+                kept = _keep(chunk, live, pool, eos, "".join(text))
             yield chunk
     finally:
         if not kept:
             live.close()
 
 
-def _keep(last: Chunk, live: Live, pool: SessionPool, eos: frozenset[int]) -> bool:
+def _keep(last: Chunk, live: Live, pool: SessionPool, eos: frozenset[int], text: str) -> bool:
     generator = live.generator
     if (last.token_id is None) != (last.finish_reason == "stop") or generator.full:
         return False  # a stop string cut the answer, or og stopped at max_length
+    live.answer_text = text  # what a resending caller will send back (the stream's decoding, not a batch decode)
     live.answer_start = len(live.ids)
     live.ids = generator.sequence()
     live.end_kept = generator.pending and live.ids[-1] in eos

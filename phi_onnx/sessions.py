@@ -76,6 +76,7 @@ class Live:
     # The last request's prompt as its caller's ids: a resending caller's next request starts with these, while the
     # cache may hold other ids for the same text (answers the model generated in a tokenisation of its own).
     prompt_ids: list[int] | None = None
+    answer_text: str | None = None  # the last answer as its caller received it (None: decode it from ``ids``)
 
     @property
     def said(self) -> list[int]:
@@ -184,7 +185,8 @@ def extends(
         return None
     answer = held[live.answer_start : -1] if live.end_kept else held[live.answer_start :]
     tail = list(ids[end + 1 :] if live.end_kept else ids[end:])
-    if not tail or (not trust_answer and not _same_text(decode(answer), decode(list(ids[start:end])))):
+    sent = live.answer_text if live.answer_text is not None else decode(answer)
+    if not tail or (not trust_answer and not _same_text(sent, decode(list(ids[start:end])))):
         return None
     if live.end_kept and held[-1] != ids[end]:
         return None

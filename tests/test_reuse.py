@@ -394,6 +394,9 @@ def test_an_answer_resent_with_a_leading_space_or_split_bytes_still_continues():
     assert extends(live([7, 8]), [1, 5, 9, 9, 32007, 4], decode, end) is None
     # a split UTF-8 character decodes to U+FFFD when generated and differently when resent: only an owned pool trusts it
     assert extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end) is None
+    # ... unless the text the caller received is known: then that is what its resent answer is compared with
+    streamed = Live(None, [1, 5, 10, 8], 2, (), (), 0, answer_text="\u00e9 fila")
+    assert extends(streamed, [1, 5, 11, 8, 32007, 4], decode, end) is not None
     owned = extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end, trust_answer=True)
     assert owned is not None and owned.tail == [32007, 4]
     # the question before the answer must still be the same, owned or not
