@@ -6,7 +6,8 @@
 
 Each mode starts ``phi-onnx serve MODEL`` on 127.0.0.1 (a free port) and talks to it with streaming HTTP clients.
 ``ttft`` alternates in-process ``model.stream`` and HTTP requests (the same prompt, greedy) so both see the same
-machine. Every figure is a median, and every run prints the share of the CPU that processes other than this one and
+machine, with a pause (``--gap-ms``) before each so one side's idle onnxruntime threads do not spin in the other's
+measurement. Every figure is a median, and every run prints the share of the CPU that processes other than this one and
 the server used (above 10 % the numbers are not trustworthy). Output is one JSON object.
 """
 
@@ -136,19 +137,23 @@ def ttft(args) -> dict[str, Any]:
             next(iter(model.stream(messages=local_msgs, options=opts)))
         share = Share(server)
         for _ in range(args.repeat):
+            # A pause before each measurement: onnxruntime's pool threads spin for a while after a run, and on a
+            # 2-core machine the other process's spinning threads would be timed too (both sides, unequally).
+            time.sleep(args.gap_ms / 1e3)
             start = time.perf_counter()
             for chunk in model.stream(messages=local_msgs, options=opts):
                 if chunk.text:
                     break
             runs["in_process_ms"].append((time.perf_counter() - start) * 1e3)
+            time.sleep(args.gap_ms / 1e3)
             runs["http_ms"].append(stream_once(client, server.url, body)["ttft_s"] * 1e3)
         other = share.done()
     server.stop()
     local, http = statistics.median(runs["in_process_ms"]), statistics.median(runs["http_ms"])
     added = statistics.median(h - i for h, i in zip(runs["http_ms"], runs["in_process_ms"]))
     return {"mode": "ttft", "model": args.model, "num_crops": args.num_crops, "repeat": args.repeat,
-            "in_process_ms": round(local, 2), "http_ms": round(http, 2), "added_ms_median_of_pairs": round(added, 2),
-            "other_cpu_share": other, "samples": runs}  # fmt: skip
+            "gap_ms": args.gap_ms, "in_process_ms": round(local, 2), "http_ms": round(http, 2),
+            "added_ms_median_of_pairs": round(added, 2), "other_cpu_share": other, "samples": runs}  # fmt: skip
 
 
 def load(args) -> dict[str, Any]:
@@ -269,6 +274,7 @@ def main() -> None:
         p.add_argument("--num-crops", type=int, default=4, help="crops of the one image; 0 sends text only")
     sub.choices["ttft"].add_argument("--repeat", type=int, default=30)
     sub.choices["ttft"].add_argument("--threads", type=int, default=2)
+    sub.choices["ttft"].add_argument("--gap-ms", type=float, default=100, help="pause before each measurement")
     sub.choices["load"].add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
     sub.choices["load"].add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     sub.choices["load"].add_argument("--max-tokens", type=int, default=32)
