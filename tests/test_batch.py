@@ -532,3 +532,19 @@ with ResultFile({str(out)!r}) as f:
     assert text.endswith("\n") and 0 < len(text) <= 200
     with ResultFile(out) as again:
         assert not again.repaired and again.done == {str(i) for i in range(text.count("\n"))}
+
+
+def test_python_ids_that_are_numbers_resume_and_repeated_ids_are_refused(tiny_model, tmp_path):
+    from phi_onnx.batch import Request
+
+    out = tmp_path / "out.jsonl"
+    quiet = {"options": JOB, "progress": False, "log": lambda _: None}
+    requests = [Request(id=5, prompt="hi"), Request(id="six", prompt="hello")]
+    assert run_job(tiny_model, requests, out, **quiet).done == 2
+    again = run_job(tiny_model, requests, out, **quiet)  # the file holds "5"; the request's id is 5: the same item
+    assert (again.skipped, again.done) == (2, 0) and len(_lines(out)) == 2
+    fresh = tmp_path / "fresh.jsonl"
+    for twice in ([Request(id="a", prompt="hi"), Request(id="a", prompt="hello")], [Request(id=1), Request(id="1")]):
+        with pytest.raises(BatchError, match=r"id '(a|1)' appears twice in the job's requests \(items 1 and 2\)"):
+            run_job(tiny_model, twice, fresh, **quiet)
+        assert not fresh.exists()

@@ -112,7 +112,7 @@ def read_requests(
         _REMOTE.reset(token)
     if not requests:
         raise BatchError(f"batch input {str(path)!r} holds no items: add images or request lines")
-    _check_unique(requests, path)
+    check_unique(requests, repr(str(path)))
     if remote_images is not None:
         requests = [replace(r, remote=remote_images) for r in requests]
     return requests
@@ -331,12 +331,18 @@ def _bad(rid: str, message: str) -> Request:
     return Request(id=rid, error=message, error_type="BatchError")
 
 
-def _check_unique(requests: list[Request], path: Path) -> None:
+def check_unique(requests: Sequence[Request], where: str) -> None:
+    """Refuse a job whose ids repeat (compared as the text the result lines hold: 5 and "5" are the same id).
+
+    Raises:
+        BatchError: Naming the id and the two items.
+    """
     seen: dict[str, int] = {}
     for index, request in enumerate(requests):
-        if request.id in seen:
+        key = str(request.id)
+        if key in seen:
             raise BatchError(
-                f"id {shorten(request.id)!r} appears twice in {str(path)!r} (items {seen[request.id] + 1} and "
-                f"{index + 1}): ids must be unique so a rerun can skip finished items"
+                f"id {shorten(key)!r} appears twice in {where} (items {seen[key] + 1} and {index + 1}): ids must be "
+                "unique so a rerun can skip finished items"
             )
-        seen[request.id] = index
+        seen[key] = index

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from phi_onnx.batch.inputs import Request
+from phi_onnx.batch.inputs import Request, check_unique
 from phi_onnx.errors import BatchError, PhiOnnxError
 from phi_onnx.images import shorten
 from phi_onnx.options import GenerationOptions
@@ -384,7 +384,7 @@ def run_job(
 
     Args:
         model: A loaded :class:`phi_onnx.PhiVision`.
-        requests: From :func:`phi_onnx.batch.read_requests` (ids unique).
+        requests: From :func:`phi_onnx.batch.read_requests`, or built in Python; ids unique (5 and "5" are one id).
         output: The JSONL result file; created, or resumed when it exists.
         options: The job's generation options (each request's own options override them).
         progress: Show the progress line on stderr.
@@ -395,12 +395,14 @@ def run_job(
         A :class:`JobSummary`.
 
     Raises:
-        BatchError: The output cannot be opened, is another job's, or is not a batch result file.
+        BatchError: Two requests have the same id; the output cannot be opened, is another job's, or is not a batch
+            result file.
     """
-    defaults = model.check_options(_defaults(model, options))  # bad job-wide options stop the job, not each item
     requests = list(requests)
+    check_unique(requests, "the job's requests")
+    defaults = model.check_options(_defaults(model, options))  # bad job-wide options stop the job, not each item
     with ResultFile(output, retry_errors=retry_errors) as out:
-        pending = [r for r in requests if r.id not in out.done]
+        pending = not_done(requests, out)
         _say(log, _plan(len(requests), len(requests) - len(pending), out))
         bar = Progress(len(pending), enabled=progress)
         start = time.perf_counter()
@@ -412,6 +414,11 @@ def run_job(
         finally:
             bar.close()
         return summarise(bar, len(requests), len(requests) - len(pending), start, out.repaired)
+
+
+def not_done(requests: list[Request], out: ResultFile) -> list[Request]:
+    """The requests whose id is not in ``out`` yet (ids compared as the text the lines hold: 5 matches "5")."""
+    return [r for r in requests if str(r.id) not in out.done]
 
 
 def summarise(bar: Progress, total: int, skipped: int, start: float, repaired: bool) -> JobSummary:

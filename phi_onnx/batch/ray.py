@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx.batch.inputs import Request
-from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, answer, summarise
+from phi_onnx.batch.inputs import Request, check_unique
+from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, answer, not_done, summarise
 from phi_onnx.errors import BatchError, PhiOnnxError, require
 from phi_onnx.options import GenerationOptions
 
@@ -108,10 +108,11 @@ class RayJob:
         ray = require("ray", extra="ray", purpose="phi-onnx batch --ray")
         defaults = options if isinstance(options, GenerationOptions) else GenerationOptions.from_mapping(options)
         requests = list(requests)
+        check_unique(requests, "the job's requests")
         started = False
         try:
             with ResultFile(output, retry_errors=retry_errors) as out:  # the output is checked before Ray starts
-                pending = [r for r in requests if r.id not in out.done]
+                pending = not_done(requests, out)
                 _say(None, _plan(len(requests), len(requests) - len(pending), out) + f" on Ray, {self.workers} workers")
                 started = bool(pending) and self._connect(ray)  # nothing to do starts no Ray
                 bar = Progress(len(pending), enabled=progress)
