@@ -548,3 +548,18 @@ def test_python_ids_that_are_numbers_resume_and_repeated_ids_are_refused(tiny_mo
         with pytest.raises(BatchError, match=r"id '(a|1)' appears twice in the job's requests \(items 1 and 2\)"):
             run_job(tiny_model, twice, fresh, **quiet)
         assert not fresh.exists()
+
+
+def test_retry_errors_rewrites_a_linked_output_in_place_and_keeps_its_mode(tmp_path):
+    real = tmp_path / "store" / "results.jsonl"
+    real.parent.mkdir()
+    real.write_text('{"id": "a", "answer": "x", "error": null}\n{"id": "b", "answer": null, "error": "no"}\n')
+    real.chmod(0o600)
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(real)
+    with ResultFile(link, retry_errors=True) as out:
+        assert (out.done, out.retried) == ({"a"}, 1)
+    assert link.is_symlink() and link.resolve() == real  # the link still points at the one file
+    assert real.read_text() == '{"id": "a", "answer": "x", "error": null}\n'
+    assert oct(real.stat().st_mode & 0o777) == oct(0o600)
+    assert not list(tmp_path.rglob("*.retry-tmp"))

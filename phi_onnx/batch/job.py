@@ -199,16 +199,24 @@ class ResultFile:
         return self
 
     def _drop_errors(self) -> None:
-        """Replace the file by its lines without errors (crash-safe: a new file renamed over the old one)."""
-        staging = self.path.with_name(self.path.name + ".retry-tmp")
-        with open(self._fd, "rb", closefd=False) as old, open(staging, "wb") as new:
+        """Replace the file by its lines without errors (crash-safe: a new file renamed over the old one).
+
+        A symlinked output has its target rewritten (the link stays a link), and the new file keeps the old one's
+        permission bits.
+        """
+        real = Path(os.path.realpath(self.path))
+        staging = real.with_name(real.name + ".retry-tmp")
+        mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(self._fd, "rb", closefd=False) as old, open(fd, "wb") as new:
+            os.fchmod(fd, mode)  # after creation: the umask does not apply to fchmod
             old.seek(0)
             for raw in old:
                 if raw.strip() and json.loads(raw).get("error") is None:
                     new.write(raw)
             new.flush()
             os.fsync(new.fileno())
-        os.replace(staging, self.path)
+        os.replace(staging, real)
         retried = self.failed_before
         self.close()
         self.done, self.failed_before = set(), 0
