@@ -11,9 +11,11 @@ seen.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from phi_onnx.errors import PromptError
 from phi_onnx.generation import Chunk, Generation, collect
 from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.options import GenerationOptions
@@ -38,9 +40,11 @@ class Chat:
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.pending: list[Any] = []
-        self._live = SessionPool(
-            1, 2**62, owned=True
-        )  # this conversation's own generator, never evicted by other traffic
+        # This conversation's own generator, never evicted by other traffic.
+        self._live = SessionPool(1, 2**62, owned=True)
+        self._open: Iterator[Chunk] | None = None  # the turn being answered
+        self._turns = 0
+        self._open_thread = 0
 
     @property
     def image_count(self) -> int:
@@ -70,13 +74,21 @@ class Chat:
 
         Input is checked (images decoded, prompt tokenised, budget checked) before this returns, so bad input raises
         here and leaves the conversation exactly as it was. The turn joins the history only once the answer is
-        complete; an answer abandoned half-way is not kept.
+        complete; an answer abandoned half-way is not kept, and starting the next turn abandons an unfinished one. A
+        Chat is one conversation: turns from two threads at once are refused.
         """
         import time
 
         from phi_onnx.model import CROPS
 
         start = time.perf_counter()
+        if self._open is not None:
+            if self._open_thread != threading.get_ident():
+                raise PromptError(
+                    "this Chat is answering a turn in another thread: a Chat is one conversation, so wait for that "
+                    "answer, or give each thread its own Chat"
+                )
+            self._open.close()  # an unfinished turn of this thread's is abandoned: it never joins the history
         opts = self.options.updated(option_values) if option_values else self.options
         new = [frame for image in images for frame in self._decode(image)]
         frames = [*self.pending, *new]
@@ -96,17 +108,24 @@ class Chat:
             for frame in unmarked:
                 del frame.info[CROPS]
             raise
-        return self._record(chunks, user)
+        self._turns += 1
+        self._open = self._record(chunks, user, self._turns)
+        self._open_thread = threading.get_ident()
+        return self._open
 
-    def _record(self, chunks: Iterator[Chunk], user: dict[str, Any]) -> Iterator[Chunk]:
+    def _record(self, chunks: Iterator[Chunk], user: dict[str, Any], turn: int) -> Iterator[Chunk]:
         parts: list[str] = []
-        for chunk in chunks:
-            parts.append(chunk.text)
-            yield chunk
-            if chunk.finish_reason is not None:
-                self.messages.append(user)
-                self.messages.append({"role": "assistant", "content": "".join(parts)})
-                self.pending = []
+        try:
+            for chunk in chunks:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:  # recorded before the last chunk goes out: a caller may stop there
+                    self.messages.append(user)
+                    self.messages.append({"role": "assistant", "content": "".join(parts)})
+                    self.pending = []
+                yield chunk
+        finally:
+            if self._turns == turn:  # an older turn closed late must not unmark the open one
+                self._open = None
 
     def _decode(self, image: ImageInput) -> list:
         from phi_onnx.model import DECODED

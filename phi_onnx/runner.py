@@ -5,13 +5,14 @@ See :mod:`phi_onnx.sessions` for when a generator is kept and when a request con
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from phi_onnx import _og
 from phi_onnx.errors import ModelError
 from phi_onnx.generation import Chunk, token_chunks
 from phi_onnx.options import GenerationOptions
+from phi_onnx.prompt import _reserved_pattern
 from phi_onnx.sessions import Live, SessionPool, max_length, search_key
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def run(
         live.generator.probe = model._probe["logits"] = []
     chunks = token_chunks(
         live.generator.tokens(),
-        model._tokenizer.stream().decode,
+        _visible(model._tokenizer.stream().decode, model.reserved_tokens),
         start=start,
         preprocess_ms=preprocess_ms,
         prompt_tokens=prompt_tokens,
@@ -126,3 +127,13 @@ def _keep(last: Chunk, live: Live, pool: SessionPool, eos: frozenset[int], text:
     live.end_kept = generator.pending and live.ids[-1] in eos
     pool.put(live)
     return True
+
+
+def _visible(decode_step: Callable[[int], str], reserved: tuple[str, ...]) -> Callable[[int], str]:
+    """The stream's text without control-token strings: a model can sample an id such as ``<unk>`` or
+    ``<|user|>``; its id stays in the KV cache, but the text a caller gets (and may send back as history, where such
+    strings are refused) never carries it."""
+    pattern = _reserved_pattern(tuple(reserved))
+    if pattern is None:
+        return decode_step
+    return lambda token: pattern.sub("", decode_step(token))

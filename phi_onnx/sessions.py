@@ -103,7 +103,9 @@ class SessionPool:
     """A thread-safe LRU of live generators, bounded by count and by KV bytes."""
 
     def __init__(self, max_count: int, max_bytes: int, *, owned: bool = False) -> None:
-        self.owned = owned  # one conversation's own pool: its history's answers are the generators' answers
+        # One conversation's own pool (a Chat): its next turn may continue by the answer's text. Shared pools
+        # continue exact id matches only, so that a request's answer never depends on what the pool held.
+        self.owned = owned
         self.max_count = max(0, int(max_count))
         self.max_bytes = max(0, int(max_bytes))
         self._items: OrderedDict[int, Live] = OrderedDict()
@@ -128,7 +130,7 @@ class SessionPool:
             for key, live in self._items.items():
                 if live.images != images or live.search_key != search_key:
                     continue
-                found = extends(live, ids, decode, end_ids, trust_answer=self.owned)
+                found = extends(live, ids, decode, end_ids, by_text=self.owned)
                 if found is not None and (best is None or len(live.ids) > len(best[1].live.ids)):
                     best = (key, found)
             if best is None:
@@ -162,20 +164,22 @@ class SessionPool:
 
 
 def extends(
-    live: Live, ids: Sequence[int], decode: Callable, end_ids: frozenset[int], *, trust_answer: bool = False
+    live: Live, ids: Sequence[int], decode: Callable, end_ids: frozenset[int], *, by_text: bool = False
 ) -> Continuation | None:
     """How a request's ``ids`` continue ``live``, or None when they do not.
 
-    Exact: ``ids`` start with everything the generator holds. By text: they agree up to the answer, the answer's text
-    decodes the same (but for the space SentencePiece puts before a chunk's first word, which the generated answer
-    need not have), and the request goes on with an end-of-turn id (the rest is then appended). With
-    ``trust_answer`` (a conversation's own pool, whose history holds exactly the answers its generator produced) the
-    answer's text is not compared: re-tokenising generated text need not give it back byte for byte (a split UTF-8
-    character, an answer that starts without a space).
+    Exact: ``ids`` start with everything the generator holds; the answer is then the one a fresh generator fed the
+    same ids gives. By text (``by_text``, for a conversation's own generator only): re-tokenising a generated answer
+    need not give back the ids the model generated, so the request may instead start with the ids of the request the
+    generator last served, then an answer whose text is the text that request received (but for the space
+    SentencePiece puts before a chunk's first word), then an end-of-turn id; the rest is appended. The cache then
+    holds the model's own ids where a fresh encoding would hold the re-tokenised ones.
     """
     held = live.ids
     if len(ids) > len(held) and list(ids[: len(held)]) == held:
         return Continuation(live, list(ids[len(held) :]), True)
+    if not by_text:
+        return None
     said = live.said
     start = len(said)
     if len(ids) <= start or list(ids[:start]) != said:
@@ -186,7 +190,7 @@ def extends(
     answer = held[live.answer_start : -1] if live.end_kept else held[live.answer_start :]
     tail = list(ids[end + 1 :] if live.end_kept else ids[end:])
     sent = live.answer_text if live.answer_text is not None else decode(answer)
-    if not tail or (not trust_answer and not _same_text(sent, decode(list(ids[start:end])))):
+    if not tail or not _same_text(sent, decode(list(ids[start:end]))):
         return None
     if live.end_kept and held[-1] != ids[end]:
         return None

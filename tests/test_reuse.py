@@ -191,16 +191,12 @@ def test_stateless_messages_continue_a_recent_generation(reuse_model, fresh_mode
     assert reuse_model.generate(messages=other).cached_tokens == 0
 
 
-def test_an_answer_that_retokenises_differently_still_continues(reuse_model, fresh_model):
-    """The KV keeps the generated ids; the request's text matches, its ids do not: continued, tail appended."""
-    reuse_model.sessions.clear()
-    messages = [_user("Hello there.")]
-    first = reuse_model.generate(messages=messages)
-    live = next(iter(reuse_model.sessions._items.values()))
-    start = live.answer_start
-    # Pretend the answer's ids were other pieces of the same text: one token split in two that the vocabulary has.
-    vocab = json.loads((reuse_model.folder / "tokenizer.json").read_text())["model"]["vocab"]
+def _split_answer(model, live):
+    """Make ``live`` hold its answer as other ids of the same text (one token split in two vocabulary pieces), as if
+    the model had generated a tokenisation that re-tokenising its text does not give back."""
+    vocab = json.loads((model.folder / "tokenizer.json").read_text())["model"]["vocab"]
     piece_of = {i: p for p, i in vocab.items()}
+    start = live.answer_start
     answer = live.ids[start:]
     for n, token in enumerate(answer):
         piece = piece_of.get(token, "")
@@ -210,14 +206,30 @@ def test_an_answer_that_retokenises_differently_still_continues(reuse_model, fre
             break
     else:
         pytest.skip("no token of this answer splits into two vocabulary pieces")
-    decode = reuse_model._tokenizer.decode
+    decode = model._tokenizer.decode
     assert decode(answer) == decode(live.ids[start:]) and answer != live.ids[start:]
     live.ids = [*live.ids[:start], *answer]
+
+
+def test_an_answer_that_retokenises_differently(reuse_model, fresh_model):
+    """Stateless callers: not continued, so the answer is exactly a fresh call's. A Chat: continued by the answer's
+    text (the KV keeps the generated ids, the request's ids from <|end|> on are appended)."""
+    reuse_model.sessions.clear()
+    messages = [_user("Hello there.")]
+    first = reuse_model.generate(messages=messages)
+    _split_answer(reuse_model, next(iter(reuse_model.sessions._items.values())))
     follow = [*messages, {"role": "assistant", "content": first.text}, _user("Again.")]
-    continued = reuse_model.generate(messages=follow)
-    assert continued.cached_tokens > 0 and reuse_model.sessions.by_text >= 1
+    again = reuse_model.generate(messages=follow)
+    assert again.cached_tokens == 0 and reuse_model.sessions.by_text == 0
+    assert again.token_ids == fresh_model.generate(messages=follow, max_new_tokens=NEW).token_ids
+
+    chat = reuse_model.chat()
+    chat.send("Hello there.")
+    _split_answer(reuse_model, next(iter(chat._live._items.values())))
+    continued = chat.send("Again.")
+    assert continued.cached_tokens > 0 and chat._live.by_text == 1
     # what the generator really holds is the generated ids, whatever ``live.ids`` said: parity on its sequence
-    _check_parity(reuse_model, fresh_model, continued, follow)
+    _check_parity(reuse_model, fresh_model, continued, chat.messages[:-1])
 
 
 def test_one_generator_serves_one_continuation(tiny_model_dir):
@@ -371,10 +383,11 @@ def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images
         assert count == fed == model.prepare(messages=messages, options=model.options.updated(opts)).prompt_tokens
 
 
-def test_an_answer_resent_with_a_leading_space_or_split_bytes_still_continues():
-    """SentencePiece puts a space before the first word of a chunk, so an answer generated without one ("d fila")
-    comes back from re-tokenisation as " d fila"; a stateless caller still continues. A conversation's own pool
-    (Chat) continues whatever its answer re-tokenises to: its history holds exactly what its generator produced."""
+def test_only_a_conversations_own_generator_continues_by_the_answers_text():
+    """Shared pools (stateless callers, the server) continue exact id matches only: a request's answer never depends
+    on what the pool held. A Chat's own generator also continues when its answer, re-tokenised, gives other ids for the
+    same text: SentencePiece puts a space before a chunk's first word, so an answer generated without one ("d fila")
+    comes back as " d fila"; the text compared is what the caller received from the stream."""
     from phi_onnx.sessions import Live, SessionPool, extends
 
     words = {1: "<s>", 5: "Q", 7: "d", 8: " fila", 9: " d", 10: "\ufffd", 11: "\u00e9", 32007: "<|end|>", 4: "?"}
@@ -384,29 +397,99 @@ def test_an_answer_resent_with_a_leading_space_or_split_bytes_still_continues():
 
     end = frozenset({32007})
 
-    def live(answer):
-        return Live(None, [1, 5, *answer], 2, (), (), 0)
+    def live(answer, **more):
+        return Live(None, [1, 5, *answer], 2, (), (), 0, **more)
 
-    # generated "d fila", resent as " d fila" (ids differ): continues by text
-    found = extends(live([7, 8]), [1, 5, 9, 8, 32007, 4], decode, end)
+    # exact: continues in both kinds of pool
+    assert extends(live([7, 8]), [1, 5, 7, 8, 32007, 4], decode, end).exact
+    # generated "d fila", resent as " d fila": only by text
+    assert extends(live([7, 8]), [1, 5, 9, 8, 32007, 4], decode, end) is None
+    found = extends(live([7, 8]), [1, 5, 9, 8, 32007, 4], decode, end, by_text=True)
     assert found is not None and not found.exact and found.tail == [32007, 4]
-    # a different answer does not
-    assert extends(live([7, 8]), [1, 5, 9, 9, 32007, 4], decode, end) is None
-    # a split UTF-8 character decodes to U+FFFD when generated and differently when resent: only an owned pool trusts it
-    assert extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end) is None
-    # ... unless the text the caller received is known: then that is what its resent answer is compared with
-    streamed = Live(None, [1, 5, 10, 8], 2, (), (), 0, answer_text="\u00e9 fila")
-    assert extends(streamed, [1, 5, 11, 8, 32007, 4], decode, end) is not None
-    owned = extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end, trust_answer=True)
-    assert owned is not None and owned.tail == [32007, 4]
-    # the question before the answer must still be the same, owned or not
-    assert extends(live([7, 8]), [1, 4, 9, 8, 32007, 4], decode, end, trust_answer=True) is None
-    pool = SessionPool(1, 2**62, owned=True)
-    pool.put(live([10, 8]))
-    assert pool.take([1, 5, 11, 8, 32007, 4], (), (), decode, end) is not None
+    # a different (edited) answer does not continue
+    assert extends(live([7, 8]), [1, 5, 9, 9, 32007, 4], decode, end, by_text=True) is None
+    # a byte that is not UTF-8 alone decodes to U+FFFD; the text the caller received is what its answer must equal
+    assert extends(live([10, 8]), [1, 5, 11, 8, 32007, 4], decode, end, by_text=True) is None
+    streamed = live([10, 8], answer_text="\u00e9 fila")
+    assert extends(streamed, [1, 5, 11, 8, 32007, 4], decode, end, by_text=True) is not None
+    # the question before the answer must be the same
+    assert extends(live([7, 8]), [1, 4, 9, 8, 32007, 4], decode, end, by_text=True) is None
     # Turn 3: the cache holds the model's ids for answer 1 ([7, 8]), the caller resends its own ([9, 8]); what must
     # match is the caller's previous prompt, then answer 2 by text.
     third = Live(None, [1, 5, 7, 8, 32007, 4, 7, 8], 6, (), (), 0, prompt_ids=[1, 5, 9, 8, 32007, 4])
-    found = extends(third, [1, 5, 9, 8, 32007, 4, 9, 8, 32007, 5], decode, end)
+    found = extends(third, [1, 5, 9, 8, 32007, 4, 9, 8, 32007, 5], decode, end, by_text=True)
     assert found is not None and found.tail == [32007, 5]
-    assert extends(third, [1, 5, 9, 8, 32007, 4, 9, 9, 32007, 5], decode, end) is None  # answer 2 differs
+    assert extends(third, [1, 5, 9, 8, 32007, 4, 9, 9, 32007, 5], decode, end, by_text=True) is None
+    for owned in (True, False):
+        pool = SessionPool(1, 2**62, owned=owned)
+        pool.put(live([7, 8]))
+        assert (pool.take([1, 5, 9, 8, 32007, 4], (), (), decode, end) is not None) == owned
+
+
+def test_chat_history_edits_abandoned_turns_and_threads(reuse_model, fresh_model):
+    """An edited answer is not continued (the next turn is encoded afresh and answers as a fresh model does); a caller
+    that stops reading at finish_reason keeps its turn; starting a turn abandons an unfinished one; a turn from a
+    second thread while one is being answered is refused in one line."""
+    import threading
+
+    from phi_onnx.errors import PromptError
+
+    chat = reuse_model.chat()
+    chat.send("Hello there.")
+    chat.messages[-1]["content"] = "I said something else entirely."
+    edited = chat.send("What did you say?")
+    assert edited.cached_tokens == 0
+    reference = fresh_model.generate(messages=chat.messages[:-1], max_new_tokens=NEW)
+    assert edited.token_ids == reference.token_ids
+
+    chat = reuse_model.chat()
+    for chunk in chat.stream("First question."):
+        if chunk.finish_reason is not None:
+            break
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    unfinished = chat.stream("Second question.")
+    next(unfinished)
+    third = chat.send("Third question.")  # abandons the second turn
+    assert [m["content"][-1]["text"] for m in chat.messages if m["role"] == "user"] == [
+        "First question.",
+        "Third question.",
+    ]
+    assert third.finish_reason is not None
+
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def slow_reader():
+        for _ in chat.stream("Fourth question."):
+            started.set()
+            release.wait(10)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    assert started.wait(10)
+    try:
+        chat.send("From another thread.")
+    except PromptError as err:
+        errors.append(str(err))
+    finally:
+        release.set()
+        reader.join(10)
+    assert errors and "another thread" in errors[0]
+
+
+def test_sampled_control_tokens_stay_out_of_the_text(reuse_model):
+    """The random model samples ids that decode to control-token strings (``<unk>``, an unused id); the text never
+    carries them, so the answer can be sent back as history (where such strings are refused) and a chat goes on."""
+    from phi_onnx.prompt import _reserved_pattern
+
+    pattern = _reserved_pattern(tuple(reuse_model.reserved_tokens))
+    messages = [{"role": "user", "content": "ok"}]
+    first = reuse_model.generate(messages=messages, max_new_tokens=256)
+    stream = reuse_model._tokenizer.stream()
+    raw = "".join(stream.decode(t) for t in first.token_ids)  # what the stream gave before control strings were cut
+    assert pattern.search(raw), "this prompt no longer makes the tiny model sample a control token: pick another"
+    assert not pattern.search(first.text)
+    follow = [*messages, {"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    assert reuse_model.generate(messages=follow).generated_tokens > 0
+    chat = reuse_model.chat(max_new_tokens=256)
+    chat.send("ok")
+    assert chat.send("and then?").generated_tokens > 0
