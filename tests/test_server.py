@@ -502,7 +502,8 @@ def test_a_request_over_its_deadline_is_stopped(tiny_model_dir, tmp_path):
         _, context, _, lines = _stream_lines(proc, LONG, "slow-1", key=None)
         events = list(lines)
         context.__exit__(None, None, None)
-        assert json.loads(events[-1][6:])["error"]["code"] == "timeout"  # an error event ends the stream
+        assert json.loads(events[-2][6:])["error"]["code"] == "timeout"  # an error event, then [DONE]
+        assert events[-1] == "data: [DONE]"
         whole = post(proc, LONG, key=None)
         assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
         assert "finish=timeout" in proc.access("slow-1")
@@ -553,6 +554,53 @@ def test_worker_crash_and_sigterm_drain(drain_server):
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert drain_server.process.wait(30) == 0
     assert "generated=4000" in drain_server.access("drain-1")
+
+
+def _wait_for(predicate, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def test_workers_dying_mid_generation_give_a_500_and_an_error_event_and_are_reaped(tiny_model_dir, tmp_path):
+    import psutil
+
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--parallel", "2", "--threads", "1")
+    try:
+        server = psutil.Process(proc.process.pid)
+        _wait_for(lambda: len(server.children()) == 2, "two workers")
+        whole = {}
+        call = lambda: whole.update(r=post(proc, LONG, key=None, headers={"X-Request-Id": "dies-whole"}))  # noqa: E731
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        _, context, _, lines = _stream_lines(proc, LONG, "dies-stream", key=None)
+        next(lines)
+        _wait_for(lambda: "phi_onnx_running_generations 2.0" in httpx.get(proc.url + "/metrics").text, "both running")
+        workers = server.children()
+        for worker in workers:
+            worker.kill()
+        rest = list(lines)
+        context.__exit__(None, None, None)
+        thread.join(30)
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        error = json.loads(rest[-2][6:])["error"]
+        assert error["type"] == "server_error" and "dies-stream" in error["message"]
+        assert whole["r"].status_code == 500 and whole["r"].headers["x-request-id"] == "dies-whole"
+        error = whole["r"].json()["error"]
+        assert error["type"] == "server_error" and "dies-whole" in error["message"]
+        # The dead workers are reaped (no zombie), their exit codes logged, and new ones serve.
+        dead = {w.pid for w in workers}
+        _wait_for(lambda: not dead & {c.pid for c in server.children()}, "the dead workers were not reaped")
+        for pid in dead:
+            _wait_for(lambda pid=pid: f"worker process {pid} exited (code -9)" in proc.log(), f"exit of {pid} logged")
+        again = post(proc, {"model": "tiny", "messages": user("Hi"), "max_tokens": 2}, key=None)
+        assert again.status_code == 200, again.text
+        assert "finish=error" in proc.access("dies-stream") and " 500 " in proc.access("dies-whole")
+        assert "Traceback" not in proc.log() and "code None" not in proc.log()
+    finally:
+        proc.stop(signal.SIGKILL)
 
 
 # --- the command and the app factory -------------------------------------------------------------------------------

@@ -49,14 +49,7 @@ class Run:
             return event
         self._close()
         if event[0] == "error":
-            kind, message = event[2], event[3]
-            if kind == "internal":
-                log.error("request %s failed: %s", self.request_id, message)
-                raise APIError(500, f"internal error (request id {self.request_id})", type="server_error")
-            param = None
-            if kind == "OptionsError":  # the model's own limits: top_k against the vocabulary, a constraint it compiles
-                param = "top_k" if "top_k" in message else self.req.constraint
-            raise APIError(400, message, param=param, code=_CODES.get(kind))
+            raise self._refusal(event)
         raise APIError(499, "the client closed the request", code="cancelled")  # event is a cancelled "done"
 
     async def whole(self, first: tuple) -> dict[str, Any]:
@@ -67,6 +60,9 @@ class Run:
                 if event[0] == "text":
                     parts.append(event[2])
                     continue
+                if event[0] == "error":  # the worker died mid-generation
+                    self.log["finish"] = "error"
+                    raise self._refusal(event)
                 self._done(event)
                 if self.stats.get("finish_reason") == "error":
                     raise self._failure()
@@ -91,17 +87,21 @@ class Run:
             while True:
                 try:
                     message = await self._next()
-                except APIError as err:
+                    if message[0] == "error":  # the worker died mid-generation
+                        raise self._refusal(message)
+                    if message[0] == "done":
+                        self._done(message)
+                        if self.stats.get("finish_reason") == "error":
+                            raise self._failure()
+                except APIError as err:  # headers are sent: an error event ends the stream
+                    self.log.setdefault("finish", "error")
                     yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                    yield b"data: [DONE]\n\n"
                     return
                 if message[0] == "text":
                     if message[2]:
                         yield event({"content": message[2]})
                     continue
-                self._done(message)
-                if self.stats.get("finish_reason") == "error":
-                    yield b"data: " + json.dumps(self._failure().body()).encode() + b"\n\n"
-                    return
                 if self.stats.get("finish_reason") == "cancelled":
                     return
                 yield event({}, self.stats["finish_reason"])
@@ -130,6 +130,17 @@ class Run:
                 code="timeout",
             )
         return event
+
+    def _refusal(self, event: tuple) -> APIError:
+        """The APIError of an ``("error", id, kind, message)`` event: the worker's one-line reason, or a 500."""
+        kind, message = event[2], event[3]
+        if kind == "internal":
+            log.error("request %s failed: %s", self.request_id, message)
+            return APIError(500, f"internal error (request id {self.request_id})", type="server_error")
+        param = None
+        if kind == "OptionsError":  # the model's own limits: top_k against the vocabulary, a constraint it compiles
+            param = "top_k" if "top_k" in message else self.req.constraint
+        return APIError(400, message, param=param, code=_CODES.get(kind))
 
     def _done(self, event: tuple) -> None:
         self.stats = {**self.stats, **event[2]}

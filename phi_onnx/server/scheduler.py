@@ -26,6 +26,7 @@ from phi_onnx.errors import ModelError
 log = logging.getLogger("phi_onnx.server")
 _ids = itertools.count(1)
 _AFFINITY_KEYS = 4096  # conversations whose last worker is remembered
+_REAP_S = 5.0  # how long a worker whose pipe closed may take to exit before it is killed
 
 
 class QueueFull(Exception):
@@ -199,19 +200,32 @@ class Scheduler:
         job.events.put_nowait(message)
 
     def _lost(self, worker: _Worker, ready: asyncio.Future | None = None) -> None:
-        """A worker died: fail its job, and start another in its place unless the server is stopping."""
+        """A worker died: fail its job at once, start another in its place unless the server is stopping, and reap
+        the dead one (its exit code is logged once the process has really exited)."""
         job = worker.job
         worker.job = None
-        code = worker.process.poll()
         self._remove(worker)
+        if job is not None:
+            self._finish(job, ("error", job.id, "internal", f"worker process {worker.process.pid} exited"))
+        self._loop.create_task(self._reap(worker, job, ready))
+        if (ready is None or ready.done()) and not self._stopping:
+            self._spawn()
+
+    async def _reap(self, worker: _Worker, job: Job | None, ready: asyncio.Future | None) -> None:
+        # The pipe closes a moment before the process is gone: wait for its exit (killing one that closed its end of
+        # the pipe and lingers), so that no zombie is left and the log says how it ended.
+        deadline = time.monotonic() + _REAP_S
+        while (code := worker.process.poll()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if code is None:
+            worker.process.kill()
+            code = await asyncio.to_thread(worker.process.wait)
         if ready is not None and not ready.done():
             ready.set_exception(ModelError(f"a worker process exited while loading the model (exit code {code})"))
-            return
-        if job is not None:
+        elif job is not None:
             log.error("worker process %s exited (code %s) during job %s", worker.process.pid, code, job.id)
-            self._finish(job, ("error", job.id, "internal", f"worker process exited with code {code}"))
-        if not self._stopping:
-            self._spawn()
+        elif not self._stopping:
+            log.warning("worker process %s exited (code %s)", worker.process.pid, code)
 
     def _remove(self, worker: _Worker) -> None:
         worker.ready = False  # also in the affinity map: never dispatched to again
