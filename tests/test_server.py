@@ -180,6 +180,10 @@ def test_response_format_json_schema_and_json_object(client):
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}}, "response_format"),
         ({"guided_regex": "(unclosed"}, "guided_regex"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"n": True}, "n"),
+        ({"logprobs": 0}, "logprobs"),
+        ({"presence_penalty": False}, "presence_penalty"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
     ],
 )
 def test_parameters_we_cannot_honour_are_a_400_naming_them(server, extra, param):
@@ -188,6 +192,23 @@ def test_parameters_we_cannot_honour_are_a_400_naming_them(server, extra, param)
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert "\n" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "name, digits, words",
+    [("max_tokens", 400, "between 1 and 131,072"), ("temperature", 300, "between 0 and 2"),
+     ("seed", 500, "between -9,223,372,036,854,775,808 and 9,223,372,036,854,775,807"), ("top_k", 4000, "")],
+)  # fmt: skip
+def test_numbers_with_hundreds_of_digits_are_a_400_naming_the_range(server, name, digits, words):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "%s": -%s}' % (
+        name.encode(),
+        b"9" * digits,
+    )
+    response = httpx.post(server.url + "/v1/chat/completions", content=raw, timeout=10,
+                          headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == name and words in error["message"] and f"{digits} digits" in error["message"]
 
 
 def test_null_and_default_values_of_other_fields_are_accepted(server):

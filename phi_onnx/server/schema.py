@@ -125,8 +125,14 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
         raise bad(f"unrecognized request argument: {unknown[0]}", param=unknown[0], code="unknown_parameter")
     for name, offs in _OFF.items():
         value = body.get(name)
+        if value is None:
+            continue
+        if any(isinstance(off, bool) for off in offs) and not isinstance(value, bool):
+            raise bad(f"{name} must be true or false, got {_show(value)}", param=name)
+        if any(_is_number(off) for off in offs) and not _is_number(value):
+            raise bad(f"{name} must be a number, got {_show(value)}", param=name)
         probe = tuple(value) if isinstance(value, list) else value
-        if value is not None and not any(probe == off for off in offs if off is not None):
+        if not any(probe == off for off in offs if off is not None):
             raise bad(f"{name}={_show(value)} is not supported by this server: remove it", param=name)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -259,14 +265,19 @@ def _part(part: object, i: int, p: int, images: list) -> dict[str, Any]:
     raise bad(f"{where} has type {_show(kind)}: this server takes text and image_url parts", param=where)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # True == 1 in Python, not in JSON
+
+
 def _number(name: str, value: object, kind: type, low: float, high: float) -> float | int:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = _is_number(value) and not (isinstance(value, float) and not math.isfinite(value))
     if ok and kind is int and isinstance(value, float):
         ok = value.is_integer()
         value = int(value) if ok else value
-    if not ok or not math.isfinite(value) or not low <= value <= high:
-        what = "a whole number" if kind is int else "a number"
-        raise bad(f"{name} must be {what} between {low:g} and {high:g}, got {_show(value)}", param=name)
+    if not ok or not low <= value <= high:  # compared exactly: an int of any size, never turned into a float
+        what, shown = ("a whole number", "{:,}") if kind is int else ("a number", "{:g}")
+        span = f"between {shown.format(low)} and {shown.format(high)}"
+        raise bad(f"{name} must be {what} {span}, got {_show(value)}", param=name)
     return kind(value)
 
 
@@ -289,6 +300,8 @@ def _flag(body: dict, name: str, param: str | None = None) -> bool:
 
 
 def _show(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**60:
+        return f"a number of {len(str(abs(value)))} digits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
