@@ -10,6 +10,7 @@ import difflib
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -101,6 +102,8 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise OptionsError(f"{name} must be a non-empty string, got {value!r}")
+            if value is not None:
+                _check_repeats(value, name, lark=name == "grammar")
         given = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
         if len(given) > 1:
             raise OptionsError(f"give at most one of json_schema, regex and grammar, got {' and '.join(given)}")
@@ -228,12 +231,98 @@ def _check_schema(schema: Any) -> str | None:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise OptionsError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+    _check_counts(schema, "json_schema")
     try:
         return json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise OptionsError(
             f"json_schema cannot be written as JSON ({err}): use plain dicts, lists, str and numbers"
         ) from err
+
+
+# llguidance unrolls counted repetition (an array's minItems, a regex's {n}) into its grammar: memory grows with the
+# count (10 million items took 1.4 GB and a minute to compile), so a request could exhaust the host. No answer can
+# hold 10,000 items or repeats within a context anyway, at two tokens or more each.
+MAX_REPEAT = 10_000
+_COUNT_KEYS = ("minItems", "maxItems", "minContains", "maxContains", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+_LARK_REPEAT = re.compile(r"~\s*(\d+)(?:\s*\.\.\s*(\d+))?")
+
+
+def _check_counts(node: Any, where: str, depth: int = 0) -> None:
+    """Refuse counts and regex repeats in a JSON schema that would make its grammar huge."""
+    if depth > 64:
+        raise OptionsError(f"{where} is nested more than 64 levels deep: flatten the schema")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}"
+            if key in _COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value > MAX_REPEAT:
+                    raise OptionsError(
+                        f"{here} is {value:,}, over the {MAX_REPEAT:,} a constrained answer can use: lower it (no "
+                        "answer holds that many within the context)"
+                    )
+            elif key == "pattern" and isinstance(value, str):
+                _check_repeats(value, here)
+            else:
+                _check_counts(value, here, depth + 1)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_counts(value, f"{where}[{i}]", depth + 1)
+
+
+def _check_repeats(text: str, where: str, lark: bool = False) -> None:
+    """Refuse a regex (or a Lark grammar's ``~ n``) that repeats something more than MAX_REPEAT times, directly or
+    through nested groups (``(a{1000}){1000}`` is a million)."""
+    found = [m for m in _QUANTIFIER.finditer(text) if any(g and int(g) > MAX_REPEAT for g in m.groups())]
+    if lark:
+        found += [m for m in _LARK_REPEAT.finditer(text) if any(g and int(g) > MAX_REPEAT for g in m.groups())]
+    if found:
+        raise OptionsError(
+            f"{where} has the repeat count {found[0].group(0)!r}, over the {MAX_REPEAT:,} a constrained answer can "
+            "use: lower it (no answer holds that many repeats within the context)"
+        )
+    nested = _nested_repeats(text)
+    if nested > 10 * MAX_REPEAT:
+        raise OptionsError(
+            f"{where} repeats a group {nested:,} times through nested counts, over the {10 * MAX_REPEAT:,} a "
+            "constrained answer can use: lower the counts"
+        )
+
+
+def _nested_repeats(text: str) -> int:
+    """The largest product of counts along a chain of nested groups in a regex (an estimate, not a full parser)."""
+    stack = [1]  # per open group: the largest repeat product inside it
+    worst, i = 1, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a character class holds no groups or counts
+            i += 1
+            while i < len(text) and text[i] != "]":
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            continue
+        inner = 1
+        if c == "(":
+            stack.append(1)
+            i += 1
+            continue
+        if c == ")":
+            inner = stack.pop() if len(stack) > 1 else 1
+            i += 1
+        else:
+            i += 1
+        m = _QUANTIFIER.match(text, i)
+        count = max(int(g) for g in m.groups() if g) if m else 1
+        value = inner * max(count, 1)
+        stack[-1] = max(stack[-1], value)
+        worst = max(worst, value)
+        if m:
+            i = m.end()
+    return worst
 
 
 def _range(f: Field) -> str:

@@ -141,3 +141,27 @@ def test_cli_json_schema_from_a_file_and_inline(tiny_model_dir, tmp_path):
 
 def test_output_error_is_a_value_error():
     assert issubclass(phi_onnx.OutputError, ValueError) and issubclass(phi_onnx.OutputError, phi_onnx.PhiOnnxError)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"json_schema": {"type": "array", "minItems": 10**9}}, "json_schema.minItems is 1,000,000,000"),
+        ({"json_schema": {"properties": {"a": {"type": "string", "pattern": "x{20000}"}}}}, "properties.a.pattern"),
+        ({"regex": "a{1000000}"}, "repeat count '{1000000}'"),
+        ({"regex": "(ab{1000}){1001}"}, "1,001,000 times through nested counts"),
+        ({"grammar": 'start: "a" ~ 1000000'}, "'~ 1000000'"),
+    ],
+)
+def test_constraints_that_would_unroll_into_huge_grammars_are_refused(tiny_model, option, message):
+    """llguidance unrolls counted repeats: a tester's minItems of 10^9 ate the host's memory (the worker was killed
+    after a minute). Refused before compiling, with the path to the count."""
+    from phi_onnx.errors import OptionsError
+
+    with pytest.raises(OptionsError, match=re.escape(message)):
+        tiny_model.generate("Hi", max_new_tokens=4, **option)
+
+
+def test_ordinary_counts_still_constrain(tiny_model):
+    answer = tiny_model.generate("Phone:", max_new_tokens=16, regex=r"\d{3}-\d{4}( x\d{1,5})?")
+    assert re.fullmatch(r"\d{3}-\d{4}( x\d{1,5})?", answer.text), answer.text
