@@ -203,8 +203,22 @@ def _new_generator(model, search: Mapping[str, Any], guidance: tuple[str, str] |
         params.set_guidance(kind, data)
         return mod.Generator(model, params), params  # the grammar is compiled here
     except RuntimeError as err:
-        reason = first_line(err).removeprefix("Error creating grammar: ")
+        reason = _grammar_reason(err).removeprefix("Error creating grammar: ")
         raise OptionsError(f"{_GUIDANCE_NAMES.get(kind, kind)} is not usable: {reason}") from err
+
+
+def _grammar_reason(err: BaseException) -> str:
+    """llguidance's message in one line: its first line, and where that ends with "parse error:", the line that says
+    what the error is (the regex crate puts it after a caret diagram)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0]
+    if text.endswith(":"):
+        detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+        if detail is not None:
+            text = f"{text} {detail.removeprefix('error:').strip()}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def check_guidance(model, guidance: tuple[str, str]) -> None:

@@ -165,3 +165,10 @@ def test_constraints_that_would_unroll_into_huge_grammars_are_refused(tiny_model
 def test_ordinary_counts_still_constrain(tiny_model):
     answer = tiny_model.generate("Phone:", max_new_tokens=16, regex=r"\d{3}-\d{4}( x\d{1,5})?")
     assert re.fullmatch(r"\d{3}-\d{4}( x\d{1,5})?", answer.text), answer.text
+
+
+def test_a_regex_that_does_not_parse_says_why(tiny_model):
+    """llguidance puts the reason after a caret diagram; the one-line error keeps it."""
+    for option in ({"regex": "(("}, {"json_schema": {"type": "string", "pattern": "(("}}):
+        with pytest.raises(OptionsError, match="regex parse error: unclosed group"):
+            tiny_model.generate("x", max_new_tokens=2, **option)
