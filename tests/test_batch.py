@@ -383,7 +383,7 @@ def test_an_item_that_kills_its_ray_worker_stops_the_job_instead_of_hanging(
     with pytest.raises(BatchError, match="the Ray job failed"):
         job.run(read_requests(requests), out, options=JOB, progress=False)
     assert time.monotonic() - start < 120
-    assert "boom" not in {line["id"] for line in _lines(out)}
+    assert "boom" not in {line["id"] for line in (_lines(out) if out.exists() else [])}  # no line: no file left
 
 
 def test_openai_bodies_are_read_as_the_server_reads_them(tmp_path):
@@ -563,3 +563,29 @@ def test_retry_errors_rewrites_a_linked_output_in_place_and_keeps_its_mode(tmp_p
     assert real.read_text() == '{"id": "a", "answer": "x", "error": null}\n'
     assert oct(real.stat().st_mode & 0o777) == oct(0o600)
     assert not list(tmp_path.rglob("*.retry-tmp"))
+
+
+def test_checking_a_new_output_creates_nothing(tmp_path):
+    from phi_onnx.batch import check_output
+
+    new = tmp_path / "results" / "out.jsonl"
+    assert check_output(new) == (set(), 0)
+    assert not new.exists() and not new.parent.exists()  # a job that fails before its first item leaves no file
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(BatchError, match=r"cannot create --output .* is not a folder"):
+        check_output(tmp_path / "a-file" / "out.jsonl")
+
+
+def test_ray_bad_job_wide_option_is_one_error_and_leaves_no_file(ray_local, tiny_model, tmp_path, capfd):
+    """The worker checks the options against its model; the driver raises that OptionsError, not Ray's actor death."""
+    from phi_onnx.batch.ray import RayJob
+    from phi_onnx.errors import OptionsError
+
+    lines = tmp_path / "requests.jsonl"
+    lines.write_text('{"id": "a", "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    job = RayJob(tiny_model.folder, workers=1, load_options={"device": "cpu", "threads": 1})
+    with pytest.raises(OptionsError, match=r"^regex is not usable"):
+        job.run(read_requests(lines), out, options={"regex": "(unclosed"}, progress=False)
+    assert not out.exists()
+    assert "Traceback" not in capfd.readouterr().err

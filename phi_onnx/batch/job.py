@@ -174,10 +174,12 @@ class ResultFile:
         self.retried = 0
         self.repaired = False
         self._fd: int | None = None
+        self._created = False  # this run made the file: a job that fails before its first line takes it away
 
     def __enter__(self) -> ResultFile:
         if self.path.is_dir():
             raise BatchError(f"--output {str(self.path)!r} is a folder: give a .jsonl file path")
+        self._created = not os.path.lexists(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
@@ -225,7 +227,10 @@ class ResultFile:
         self._scan()
         self.retried = retried
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._created and self._fd is not None and os.fstat(self._fd).st_size == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # no empty file is left by a job that failed before any item
         self.close()
 
     def close(self) -> None:
@@ -293,7 +298,8 @@ def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
 
     Refuses an output that is one of the ``inputs`` (the job would read its own results as requests, or write over
     them), and everything :class:`ResultFile` refuses: a folder, a FIFO or device, another job's file, a file that is
-    not a batch result, a path that cannot be created.
+    not a batch result, a path that cannot be created. A new output is not created here (a job that then fails
+    before its first item leaves no empty file): its folder is checked instead.
     """
     path = Path(output).expanduser()
     for source in inputs:
@@ -302,8 +308,24 @@ def check_output(output: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
                 raise BatchError(
                     f"--output {str(path)!r} is the job's input: give the results their own file, e.g. results.jsonl"
                 )
+    if not path.exists():
+        _check_creatable(path)
+        return set(), 0
     with ResultFile(path, repair=False) as out:
         return set(out.done), out.failed_before if retry_errors else 0
+
+
+def _check_creatable(path: Path) -> None:
+    """Refuse a new output whose folder (or the nearest existing folder above it) this process cannot write."""
+    folder = Path(os.path.realpath(path)).parent  # a dangling symlink: its target is the file created
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BatchError(f"cannot create --output {str(path)!r}: {str(folder)!r} is not a folder; check the path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BatchError(
+            f"cannot create --output {str(path)!r}: the folder {str(folder)!r} is not writable; check the path"
+        )
 
 
 def _lock(fd: int, path: Path) -> None:

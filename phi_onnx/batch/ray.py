@@ -19,12 +19,13 @@ Python recipe::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,35 @@ MAX_RETRIES = 3  # a block whose worker died is tried again on a new worker this
 MAX_BLOCKS = 100_000  # one request per block up to this many, so each result streams back as soon as it is done
 
 
+_FAILED = "phi_onnx_worker_failed"  # the key of a worker's answer that stops the job (no result line has it)
+
+
 class _Worker:
-    """A Ray actor: loads the model once, then answers batches of requests (JSON text in, result-line JSON out)."""
+    """A Ray actor: loads the model once, then answers batches of requests (JSON text in, result-line JSON out).
+
+    A worker that cannot start (the model does not load, a job-wide option does not work with it) does not raise in
+    ``__init__``: Ray would print its actor-death tracebacks and hand the driver an error that has lost the cause.
+    It answers every request with ``{_FAILED: {"type", "message"}}`` instead, and the driver raises that error.
+    """
 
     def __init__(self, model: str | None, load_options: dict[str, Any], defaults: GenerationOptions) -> None:
         import phi_onnx
 
-        self.model = phi_onnx.load(model, **load_options)
-        self.defaults = self.model.check_options(defaults)  # bad job-wide options fail the job, not each item
+        self.failed: dict[str, str] | None = None
+        try:
+            self.model = phi_onnx.load(model, **load_options)
+            self.defaults = self.model.check_options(defaults)  # bad job-wide options fail the job, not each item
+        except PhiOnnxError as err:
+            self.failed = {"type": type(err).__name__, "message": str(err)}
+        except Exception as err:  # e.g. a node without onnxruntime: its type and message go to the driver
+            self.failed = {
+                "type": "BatchError",
+                "message": f"a Ray worker could not start ({type(err).__name__}: {err})",
+            }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failed is not None:
+            return {"line": np.array([json.dumps({_FAILED: self.failed})] * len(batch["request"]), dtype=object)}
         lines = [
             json.dumps(answer(self.model, Request.from_json(str(text)), self.defaults), ensure_ascii=False)
             for text in batch["request"]
@@ -119,10 +139,14 @@ class RayJob:
                 start = time.perf_counter()
                 try:
                     if pending:
-                        for row in self._dataset(ray, pending, defaults).iter_rows():
-                            line = str(row["line"])
-                            out.write(line)
-                            bar.update(json.loads(line)["error"] is not None)
+                        with _quiet_ray_data():
+                            for row in self._dataset(ray, pending, defaults).iter_rows():
+                                line = str(row["line"])
+                                result = json.loads(line)
+                                if _FAILED in result:
+                                    raise _worker_error(result[_FAILED])
+                                out.write(line)
+                                bar.update(result["error"] is not None)
                 except ray.exceptions.RayError as err:
                     raise _unwrap(err) from err
                 finally:
@@ -151,7 +175,6 @@ class RayJob:
         ctx.enable_progress_bars = False  # phi-onnx prints its own progress line
         ctx.print_on_execution_start = False
         ctx.enable_auto_log_stats = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start-up notes would break the progress line
         gpus = self.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -183,6 +206,40 @@ class RayJob:
 def _bounded_retries() -> dict[str, Any]:
     """Remote arguments of each worker: a task whose worker died is retried MAX_RETRIES times, not forever."""
     return {"max_task_retries": MAX_RETRIES}
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's notes and tracebacks off the terminal while the job runs: its start-up notes would break the
+    progress line, and a failure is reported in one line by the job (Ray Data's log file still has the details)."""
+    import ray.data  # noqa: F401 (its import sets up the "ray.data" logger: before the levels are changed here)
+
+    logger = logging.getLogger("ray.data")
+    consoles = [
+        h for h in logger.handlers if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+    ]
+    levels = [h.level for h in consoles]
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    for handler in consoles:
+        handler.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for handler, before in zip(consoles, levels):
+            handler.setLevel(before)
+
+
+def _worker_error(failed: Mapping[str, str]) -> PhiOnnxError:
+    """The error a worker could not start with, as its phi-onnx class (a BatchError for any other)."""
+    from phi_onnx import errors
+
+    kind = getattr(errors, str(failed.get("type")), None)
+    message = str(failed.get("message"))
+    if isinstance(kind, type) and issubclass(kind, PhiOnnxError):
+        return kind(message)
+    return BatchError(message)
 
 
 def _unwrap(err: BaseException) -> BaseException:
