@@ -7,6 +7,7 @@ import base64
 import http.server
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -528,6 +529,36 @@ def test_a_request_over_its_deadline_is_stopped(tiny_model_dir, tmp_path):
         whole = post(proc, LONG, key=None)
         assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
         assert "finish=timeout" in proc.access("slow-1")
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def _partial_body(server, request_id: str) -> socket.socket:
+    """A connection that sends its headers and the start of its body, and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 1000\r\nX-Request-Id: {request_id}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + b'{"model": "tiny", ')
+    return sock
+
+
+def test_a_slow_body_is_a_408_and_a_client_gone_while_sending_is_a_499(tiny_model_dir, tmp_path):
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--request-timeout", "1")
+    try:
+        with _partial_body(proc, "slow-body") as sock:
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                piece = sock.recv(65536)  # a 10 s socket timeout bounds this
+                if not piece:
+                    break
+                answer += piece
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert b"x-request-id: slow-body" in head.lower()
+        _partial_body(proc, "gone-body").close()
+        assert "id=gone-body POST /v1/chat/completions 499 " in proc.access("gone-body")
+        assert "Traceback" not in proc.log() and "ClientDisconnect" not in proc.log()
     finally:
         proc.stop(signal.SIGKILL)
 

@@ -165,7 +165,7 @@ def _routes(app, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.perf_counter()
-        body = await _body(request, state.settings.max_body_bytes)
+        body = await _body(request, state.settings.max_body_bytes, state.settings.request_timeout_s)
         req = schema.parse_chat(body, state.settings.default_max_tokens)
         if req.model != state.name:
             raise _no_model(req.model, state)
@@ -228,15 +228,31 @@ def _error(err: APIError):
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-async def _body(request, cap: int) -> dict:
+async def _body(request, cap: int, timeout: float) -> dict:
+    """The request's JSON body, read within ``timeout`` seconds (a client that sends it slowly holds no slot)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise _too_large(int(declared), cap)
     data = bytearray()
-    async for piece in request.stream():
-        data += piece
-        if len(data) > cap:
-            raise _too_large(len(data), cap)
+
+    async def read() -> None:
+        async for piece in request.stream():
+            data.extend(piece)
+            if len(data) > cap:
+                raise _too_large(len(data), cap)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s ({len(data):,} bytes came): send it at once",
+            code="request_timeout",
+        ) from None
+    except ClientDisconnect:  # nobody reads the answer; the access log says 499
+        raise APIError(499, "the client closed the request while sending it", code="cancelled") from None
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
