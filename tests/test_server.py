@@ -258,6 +258,22 @@ def test_malformed_bodies_and_routes_get_openai_error_bodies(server):
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["code"] == "model_not_found"
 
 
+def test_head_405_and_a_trailing_slash_get_answers_a_client_can_use(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.head(server.url + "/health", timeout=10).status_code == 200
+    for path in ("/v1/models", "/v1/models/tiny", "/metrics"):
+        head = httpx.head(server.url + path, headers=auth, timeout=10)
+        assert head.status_code == 200 and head.content == b"", path
+    wrong = httpx.post(server.url + "/health", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD"
+    error = wrong.json()["error"]
+    assert error["code"] == "method_not_allowed" and "GET, HEAD" in error["message"] and "POST" in error["message"]
+    get = httpx.get(server.url + "/v1/chat/completions", headers=auth, timeout=10)
+    assert get.status_code == 405 and get.headers["allow"] == "POST"
+    slash = httpx.post(server.url + "/v1/chat/completions/", headers=auth, timeout=10, json={"model": "tiny"})
+    assert slash.status_code == 404 and slash.json()["error"]["code"] == "not_found" and "location" not in slash.headers
+
+
 def test_api_key_guards_every_route_but_health_and_ids_are_on_every_response(server):
     for path in ("/v1/models", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 401

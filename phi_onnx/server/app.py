@@ -14,7 +14,7 @@ from typing import Any
 
 from phi_onnx.errors import require
 from phi_onnx.server import schema
-from phi_onnx.server.gate import Gate
+from phi_onnx.server.gate import Gate, printable
 from phi_onnx.server.media import fetch_image, image_size
 from phi_onnx.server.respond import Run
 from phi_onnx.server.scheduler import QueueFull, Scheduler
@@ -74,7 +74,14 @@ def create_app(model: Any = None, settings: ServerSettings | None = None):
         finally:
             await state.scheduler.stop()
 
-    app = fastapi.FastAPI(title="phi-onnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = fastapi.FastAPI(
+        title="phi-onnx",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,  # a 307 with an empty body breaks POST clients: a trailing slash is a 404 instead
+    )
     app.state.phi = state
     _routes(app, state)
     app.add_middleware(Gate, state=state)
@@ -127,16 +134,20 @@ def _routes(app, state: ServerState) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        message = {404: f"no route {request.url.path}: see /v1/chat/completions and /v1/models"}.get(
-            err.status_code, str(err.detail)
-        )
-        return _error(APIError(err.status_code, message, code=code))
+        path = printable(request.url.path)
+        message, headers = str(err.detail), dict(err.headers or {})
+        if err.status_code == 404:
+            message = f"no route {path}: see /v1/chat/completions and /v1/models"
+        elif err.status_code == 405:
+            headers["Allow"] = ", ".join(sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip()))
+            message = f"{request.method} is not allowed on {path}: use {headers['Allow'] or 'another method'}"
+        return _error(APIError(err.status_code, message, code=code, headers=headers))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return _error(err)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.scheduler.ready_workers == 0:  # every worker died and none has loaded the model again yet
             return JSONResponse({"status": "unavailable", "model": state.name, "workers": 0}, status_code=503)
@@ -147,16 +158,16 @@ def _routes(app, state: ServerState) -> None:
             "instance": state.instance,
         }
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         body, kind = state.metrics.render()
         return Response(body, media_type=kind)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         if model_id != state.name:
             raise _no_model(model_id, state)

@@ -124,7 +124,7 @@ def _access(request_id: str, scope, status: int, entry: dict, started: float) ->
     def ms(value) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    fields = [f"id={request_id}", scope.get("method", "-"), _printable(scope.get("path", "")), str(status)]
+    fields = [f"id={request_id}", scope.get("method", "-"), printable(scope.get("path", "")), str(status)]
     if "prompt" in entry:
         fields += [
             f"prompt={entry['prompt']}",
@@ -142,6 +142,7 @@ def _access(request_id: str, scope, status: int, entry: dict, started: float) ->
     log.info(" ".join(fields))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """A path as a log line or an error message shows it: at most 100 characters, each unprintable one escaped."""
     text = text if len(text) <= 100 else text[:97] + "..."
     return "".join(c if c.isprintable() and c != " " else "%" + format(ord(c), "02X") for c in text)
