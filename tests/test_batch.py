@@ -589,3 +589,25 @@ def test_ray_bad_job_wide_option_is_one_error_and_leaves_no_file(ray_local, tiny
         job.run(read_requests(lines), out, options={"regex": "(unclosed"}, progress=False)
     assert not out.exists()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_output_that_is_one_of_the_jobs_images_is_refused(tiny_model, tmp_path):
+    from phi_onnx.batch import check_output
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    _image(imgs / "a.png", 1)
+    (imgs / "empty.png").write_bytes(b"")  # empty: it would pass as a result file with no lines yet
+    folder = read_requests(imgs, prompt="hi")
+    with pytest.raises(BatchError, match=r"is an image of the job \(item 'empty.png'\)"):
+        check_output(imgs / "empty.png", inputs=[imgs], requests=folder)
+    other = tmp_path / "elsewhere" / "empty.png"  # the same name, another file: fine
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    assert check_output(other, inputs=[imgs], requests=folder) == (set(), 0)
+    parts = [{"type": "image_url", "image_url": {"url": "imgs/empty.png"}}, {"type": "text", "text": "?"}]
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "m", "messages": [{"role": "user", "content": parts}]}) + "\n")
+    with pytest.raises(BatchError, match=r"is an image of the job \(item 'm'\)"):
+        run_job(tiny_model, read_requests(lines), imgs / "empty.png", options=JOB, progress=False, log=lambda _: None)
+    assert (imgs / "empty.png").read_bytes() == b""

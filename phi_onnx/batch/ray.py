@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from phi_onnx.batch.inputs import Request, check_unique
-from phi_onnx.batch.job import JobSummary, Progress, ResultFile, _plan, _say, answer, not_done, summarise
+from phi_onnx.batch.job import JobSummary, Progress, _plan, _say, answer, not_done, summarise
+from phi_onnx.batch.output import ResultFile, refuse_own_image
 from phi_onnx.errors import BatchError, PhiOnnxError, require
 from phi_onnx.options import GenerationOptions
 
@@ -129,6 +130,7 @@ class RayJob:
         defaults = options if isinstance(options, GenerationOptions) else GenerationOptions.from_mapping(options)
         requests = list(requests)
         check_unique(requests, "the job's requests")
+        refuse_own_image(Path(output).expanduser(), requests)
         started = False
         try:
             with ResultFile(output, retry_errors=retry_errors) as out:  # the output is checked before Ray starts

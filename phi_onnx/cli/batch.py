@@ -109,7 +109,9 @@ def batch(
         raise BatchError("--allow-private-networks needs --allow-remote-images: add it, or drop the first")
     requests = read_requests(source, prompt=prompt, system=system, image_column=image_column, remote_images=remote)
     options = GenerationOptions.from_mapping(_options(kw))
-    done, to_retry = check_output(output, inputs=[source], retry_errors=retry_errors)  # before any model loads
+    done, to_retry = check_output(
+        output, inputs=[source], requests=requests, retry_errors=retry_errors
+    )  # before any model loads
     if not to_retry and all(str(r.id) in done for r in requests):
         click.echo(f"batch: all {len(requests)} items are already in {output}; nothing to do", err=True)
         return
