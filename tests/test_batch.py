@@ -611,3 +611,19 @@ def test_an_output_that_is_one_of_the_jobs_images_is_refused(tiny_model, tmp_pat
     with pytest.raises(BatchError, match=r"is an image of the job \(item 'm'\)"):
         run_job(tiny_model, read_requests(lines), imgs / "empty.png", options=JOB, progress=False, log=lambda _: None)
     assert (imgs / "empty.png").read_bytes() == b""
+
+
+def test_a_broken_link_in_a_folder_is_an_item_with_an_error(tiny_model, tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    _image(pics / "a.png", 1)
+    (pics / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (pics / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # not an image name: not an item
+    requests = read_requests(pics, prompt="hi")
+    assert [r.id for r in requests] == ["a.png", "gone.jpg"]
+    out = tmp_path / "out.jsonl"
+    summary = run_job(tiny_model, requests, out, options=JOB, progress=False, log=lambda _: None)
+    assert (summary.done, summary.failed) == (2, 1)
+    gone = {line["id"]: line for line in _lines(out)}["gone.jpg"]
+    assert gone["error_type"] == "ImageError" and "'gone.jpg' does not exist (a broken link)" in gone["error"]
+    assert "moved-away.jpg" in gone["error"]

@@ -142,8 +142,16 @@ def _folder(folder: Path, prompt: str, system: str | None) -> Iterator[Request]:
         if p.suffix.lower() in media and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     for file in files:
+        rid = file.relative_to(folder).as_posix()
         if file.is_file():
-            yield Request(id=file.relative_to(folder).as_posix(), prompt=prompt, images=(str(file),), system=system)
+            yield Request(id=rid, prompt=prompt, images=(str(file),), system=system)
+        elif file.is_symlink() and not file.exists():  # counted, with its error line: not dropped in silence
+            yield Request(
+                id=rid,
+                error=f"{shorten(rid)!r} does not exist (a broken link): its target "
+                f"{shorten(os.readlink(file))!r} is missing; fix the link or remove it",
+                error_type="ImageError",
+            )
 
 
 def _jsonl(path: Path, prompt: str | None, system: str | None) -> Iterator[Request]:
