@@ -21,7 +21,7 @@ class Gate:
         self.app = app
         self.state = state
         key = state.settings.api_key
-        self._key = None if key is None else f"Bearer {key}".encode()
+        self._key = None if key is None else key.encode()
         self._instance = state.instance.encode()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -73,14 +73,17 @@ class Gate:
             )
         if path == "/health" or self._key is None:
             return None
-        given = (_header(scope, b"authorization") or "").encode()
-        if not hmac.compare_digest(given, self._key):
+        given = _header(scope, b"authorization") or ""
+        scheme, _, token = given.strip().partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 7235)
+            token = ""
+        if not hmac.compare_digest(token.strip().encode(), self._key):
             message = (
                 "missing API key: send Authorization: Bearer <key>"
                 if not given
                 else "invalid API key: check the key the server was started with"
             )
-            return 401, _body(message, "invalid_request_error", "invalid_api_key"), {}
+            return 401, _body(message, "invalid_request_error", "invalid_api_key"), {"WWW-Authenticate": "Bearer"}
         return None
 
 

@@ -24,6 +24,7 @@ from phi_onnx.server.settings import ServerSettings
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _MEDIA_TYPES = ("image/", "video/")
+_USERINFO = re.compile(r"^([A-Za-z][\w+.-]*://)[^/?#]*@")  # user:password@ in a URL's authority
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def fetch_image(url: str, where: str, settings: ServerSettings) -> bytes:
 
 def _data_url(url: str, where: str, cap: int) -> bytes:
     match = _DATA_URL.match(url[:512])
-    if match is None or ";base64" not in match.group("params").lower():
+    if match is None or match.group("params").lower().rsplit(";", 1)[-1] != "base64":  # ;base64 ends the params
         raise bad(f"{where}: a data URL must look like data:image/png;base64,<data>", param=where)
     mime = (match.group("mime") or "").lower()
     if not mime.startswith(_MEDIA_TYPES):
@@ -83,7 +84,9 @@ def _data_url(url: str, where: str, cap: int) -> bytes:
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise bad(f"{where}: the data URL's base64 payload is invalid: encode the file with standard base64") from None
+        raise bad(
+            f"{where}: the data URL's base64 payload is invalid: encode the file with standard base64", param=where
+        ) from None
 
 
 def _too_large(where: str, size: int, cap: int) -> APIError:
@@ -220,4 +223,6 @@ def _is_public(address: str, port: int) -> bool:
 
 
 def _short(url: str) -> str:
+    """A URL as messages show it: without its user and password, and at most 80 characters."""
+    url = _USERINFO.sub(r"\1***@", url)
     return url if len(url) <= 80 else url[:77] + "..."

@@ -18,6 +18,7 @@ _CODES = {
     "ImageError": "invalid_image",
     "PromptError": "invalid_prompt",
 }
+_PARAMS = {"ContextLengthError": "messages", "PromptError": "messages"}  # when the error names no part
 
 
 class Run:
@@ -137,7 +138,7 @@ class Run:
         if kind == "internal":
             log.error("request %s failed: %s", self.request_id, message)
             return APIError(500, f"internal error (request id {self.request_id})", type="server_error")
-        param = None
+        param = event[4] if len(event) > 4 else _PARAMS.get(kind)
         if kind == "OptionsError":  # the model's own limits: top_k against the vocabulary, a constraint it compiles
             param = "top_k" if "top_k" in message else self.req.constraint
         return APIError(400, message, param=param, code=_CODES.get(kind))

@@ -7,6 +7,7 @@ once.
 
 Messages, main -> worker: ``("run", job_id, request)``, ``("cancel", job_id)``, ``("stop",)``.
 Worker -> main: ``("ready", info)`` or ``("failed", message)`` once; then per job ``("error", job_id, kind, message)``
+(with the part it names, ``messages[i].content[j]``, as a fifth item when it names one)
 or ``("start", job_id, stats, first text)``, ``("text", job_id, text, generated)`` per later token, and
 ``("done", job_id, stats)``.
 """
@@ -74,6 +75,9 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
     except StopIteration:  # pragma: no cover - a stream always yields its final chunk
         conn.send(("error", job_id, "RuntimeError", "the generation ended before it started"))
         return
+    except _PartError as err:
+        conn.send(("error", job_id, type(err.__cause__).__name__, str(err), err.where))
+        return
     except PhiOnnxError as err:
         conn.send(("error", job_id, type(err).__name__, str(err)))
         return
@@ -97,6 +101,14 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
         conn.send(("done", job_id, {**_stats(chunk), "finish_reason": "error", "error": message, "internal": True}))
         return
     conn.send(("done", job_id, _stats(chunk)))
+
+
+class _PartError(Exception):
+    """An error in one part of the request (its cause is the library's error), named by its path."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 def _send_text(conn, job_id: int, chunk) -> None:
@@ -140,7 +152,8 @@ def _decoded(messages: list[dict], images: list, max_frames: int, sampling: str)
         try:
             frames = load_frames(data, max_frames=max_frames, sampling=sampling)
         except ImageError as err:
-            raise ImageError(f"messages[{i}].content[{p}]: {err}") from None
+            where = f"messages[{i}].content[{p}]"
+            raise _PartError(f"{where}: {err}", where) from err
         for frame in frames:
             frame.info[DECODED] = True
             if detail == "low":
