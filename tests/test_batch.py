@@ -627,3 +627,57 @@ def test_a_broken_link_in_a_folder_is_an_item_with_an_error(tiny_model, tmp_path
     gone = {line["id"]: line for line in _lines(out)}["gone.jpg"]
     assert gone["error_type"] == "ImageError" and "'gone.jpg' does not exist (a broken link)" in gone["error"]
     assert "moved-away.jpg" in gone["error"]
+
+
+def test_input_messages_speak_json_and_openai_lines_for_other_endpoints_are_refused(tmp_path):
+    from phi_onnx.batch import Request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    records = [
+        None,
+        5,
+        {"id": "prompt-number", "prompt": 5},
+        {"id": "system-number", "prompt": "hi", "system": 5},
+        {"id": "schema-list", "prompt": "hi", "json_schema": [1]},
+        {"id": "message-number", "messages": [5]},
+        {"id": "content-number", "messages": [{"role": "user", "content": 5}]},
+        {"id": "part-null", "messages": [{"role": "user", "content": [None]}]},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "model": "m"}},
+        {"custom_id": "get", "method": "GET", "url": "/v1/chat/completions", "body": chat},
+        {"id": "one", "custom_id": "two", "body": chat},
+        {"id": "same", "custom_id": "same", "method": "POST", "url": "/v1/chat/completions", "body": chat},
+        {"id": None, "prompt": "hi"},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    errors = {r.id: r.error for r in read_requests(source)}
+    assert errors["line-1"] == "line 1 is null, not a JSON object: write one per line"
+    assert errors["line-2"].startswith("line 2 is a number, not a JSON object")
+    assert errors["prompt-number"] == "line 3: prompt must be a string, got a number"
+    assert errors["system-number"] == "line 4: system must be a string, got a number"
+    assert errors["schema-list"].endswith("json_schema must be a JSON object (a schema), got a list")
+    assert errors["message-number"] == "line 6 message 0 is a number, not a {'role', 'content'} object"
+    assert errors["content-number"].startswith("line 7 message 0 content is a number: give a string")
+    assert errors["part-null"] == "line 8 message 0 part 0 is null, not a {'type': ...} object"
+    assert 'url is "/v1/embeddings": a batch job answers /v1/chat/completions lines only' in errors["embed"]
+    assert 'method is "GET"' in errors["get"]
+    assert errors["line-11"] == 'line 11: id "one" and custom_id "two" differ: give one'
+    assert errors["same"] is None
+    assert errors["line-13"] == "line 13: id must be a non-empty string or a number, got null"
+    names = " ".join(e for e in errors.values() if e)
+    assert not any(word in names for word in ("NoneType", " int", " str,", " dict", "None"))
+    assert Request(id="x", prompt="?", images="a.png").images == ("a.png",)  # one image, not three characters
+    assert Request(id="x", prompt="?", images=Path("a.png")).images == ("a.png",)
+    assert Request(id="x", prompt="?", images=["a.png", "b.png"]).images == ("a.png", "b.png")
+
+
+def test_csv_without_an_image_column_says_so_plainly_and_spots_semicolons(tmp_path):
+    plain = tmp_path / "plain.csv"
+    plain.write_text("name,prompt\na,hi\n")
+    with pytest.raises(BatchError, match=r"has no image column \(image, image_path") as err:
+        read_requests(plain)
+    assert "no an " not in str(err.value) and "--image-column" in str(err.value)
+    semi = tmp_path / "semi.csv"
+    semi.write_text("image;prompt\na.png;hi\n")
+    with pytest.raises(BatchError, match="seems to use ';' between fields: save it with commas"):
+        read_requests(semi)

@@ -24,6 +24,7 @@ from phi_onnx.options import GenerationOptions
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi"})
 _REMOTE: contextvars.ContextVar[bool] = contextvars.ContextVar("remote_images", default=False)
+CHAT_URL = "/v1/chat/completions"
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "url")
 _OPTION_NAMES = frozenset(f for f in GenerationOptions.__dataclass_fields__)
 _RECORD_KEYS = frozenset(
@@ -65,6 +66,12 @@ class Request:
     error: str | None = None
     error_type: str | None = None
     remote: str | None = None  # "public" or "private": fetch http(s) images under the server's policy; None: refused
+
+    def __post_init__(self) -> None:
+        if isinstance(self.images, str | os.PathLike):  # one image, not a sequence of characters
+            object.__setattr__(self, "images", (os.fspath(self.images),))
+        elif not isinstance(self.images, tuple):
+            object.__setattr__(self, "images", tuple(self.images))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -167,7 +174,7 @@ def _jsonl(path: Path, prompt: str | None, system: str | None) -> Iterator[Reque
                 yield _bad(f"line-{number}", f"{where} is not JSON ({err}): write one JSON object per line")
                 continue
             if not isinstance(record, dict):
-                yield _bad(f"line-{number}", f"{where} is a JSON {type(record).__name__}, not an object")
+                yield _bad(f"line-{number}", f"{where} is {json_kind(record)}, not a JSON object: write one per line")
                 continue
             yield _from_record(record, f"line-{number}", where, base, prompt, system)
 
@@ -179,10 +186,12 @@ def _csv(path: Path, prompt: str | None, system: str | None, image_column: str |
         columns = reader.fieldnames or []
         column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
         if column is None or column not in columns:
-            wanted = f"column {image_column!r}" if image_column else f"an image column ({', '.join(IMAGE_COLUMNS)})"
+            wanted = f"column {image_column!r}" if image_column else f"image column ({', '.join(IMAGE_COLUMNS)})"
+            fix = "name the column with --image-column"
+            if any(";" in c for c in columns):  # Excel in many locales saves "CSV" with semicolons
+                fix = "the file seems to use ';' between fields: save it with commas (,) as the separator"
             raise BatchError(
-                f"{str(path)!r} has no {wanted}; its columns are {', '.join(map(repr, columns)) or 'none'}: "
-                "name the column with --image-column"
+                f"{str(path)!r} has no {wanted}; its columns are {', '.join(map(repr, columns)) or 'none'}: {fix}"
             )
         for number, row in enumerate(reader, 1):
             record: dict[str, Any] = {"image": row.get(column) or ""}
@@ -224,7 +233,12 @@ def _from_record(
     """A request from a JSON object (or a CSV row); an unusable record becomes a request carrying its error."""
     raw_id = record.get("id", record.get("custom_id", default_id))
     if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or str(raw_id) == "":
-        return _bad(default_id, f"{where}: id must be a non-empty string or a number, got {raw_id!r}")
+        return _bad(default_id, f"{where}: id must be a non-empty string or a number, got {_json_text(raw_id)}")
+    if "id" in record and "custom_id" in record and str(record["custom_id"]) != str(raw_id):
+        return _bad(
+            default_id,
+            f"{where}: id {_json_text(raw_id)} and custom_id {_json_text(record['custom_id'])} differ: give one",
+        )
     rid = str(raw_id)
     try:
         return _parse(record, rid, where, base, prompt, system)
@@ -238,6 +252,7 @@ class _Unusable(ValueError):
 
 def _parse(record: dict, rid: str, where: str, base: Path, prompt: str | None, system: str | None) -> Request:
     options: dict[str, Any] = {}
+    _check_openai_route(record, where)
     if "body" in record:  # OpenAI's batch format: {"custom_id", "method", "url", "body": {chat completion request}}
         body = record["body"]
         if not isinstance(body, dict):
@@ -269,6 +284,12 @@ def _parse(record: dict, rid: str, where: str, base: Path, prompt: str | None, s
         if "prompt" in record or images or "system" in record:
             raise _Unusable(f"{where}: give either messages, or a prompt with images, not both")
         return Request(id=rid, messages=_resolve_messages(messages, where, base), options=options)
+    for key in ("prompt", "system"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise _Unusable(f"{where}: {key} must be a string, got {json_kind(record[key])}")
+    schema = options.get("json_schema")
+    if schema is not None and not isinstance(schema, dict | str | bool):  # JSON text and true / false are schemas too
+        raise _Unusable(f"{where}: json_schema must be a JSON object (a schema), got {json_kind(schema)}")
     text = record.get("prompt", prompt)
     if not isinstance(text, str) or not text:
         raise _Unusable(f"{where}: no prompt: give a 'prompt' field, or --prompt for the whole job")
@@ -295,13 +316,19 @@ def _resolve_messages(messages: Sequence[Any], where: str, base: Path) -> list[A
     """Messages with every image source made absolute (relative paths are relative to the input file)."""
     out = []
     for m, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(message, Mapping):
+            raise _Unusable(f"{where} message {m} is {json_kind(message)}, not a {{'role', 'content'}} object")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _Unusable(f"{where} message {m} content is {json_kind(content)}: give a string or a list of parts")
         if not isinstance(content, list):
             out.append(message)  # the model checks the rest and says what is wrong
             continue
         parts = []
         for p, part in enumerate(content):
             label = f"{where} message {m} part {p}"
+            if not isinstance(part, Mapping):
+                raise _Unusable(f"{label} is {json_kind(part)}, not a {{'type': ...}} object")
             if isinstance(part, Mapping) and part.get("type") == "image_url":
                 value = part.get("image_url")
                 url = value.get("url") if isinstance(value, Mapping) else value
@@ -333,6 +360,43 @@ def _resolve(source: str, where: str, base: Path) -> str:
     elif "://" in source[:16]:
         raise _Unusable(f"{where}: {shorten(source)!r} is not a path or a data: URL")
     return str((base / os.path.expanduser(source)).resolve())
+
+
+def _check_openai_route(record: dict[str, Any], where: str) -> None:
+    """An OpenAI batch line for another endpoint (embeddings, responses) or method is that line's error."""
+    url, method = record.get("url"), record.get("method")
+    if url is not None and url != CHAT_URL:
+        raise _Unusable(
+            f"{where}: url is {_json_text(url)}: a batch job answers {CHAT_URL} lines only (chat completions)"
+        )
+    if method is not None and method != "POST":
+        raise _Unusable(f'{where}: method is {_json_text(method)}: OpenAI batch lines use "POST"')
+
+
+def json_kind(value: Any) -> str:
+    """How JSON names the kind of ``value``: null, true or false, a number, a string, a list, an object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as its JSON text, cut short: null, 5, "a", [1, 2] (never Python's None or True)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return shorten(text, 60)
 
 
 def _bad(rid: str, message: str) -> Request:
