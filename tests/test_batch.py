@@ -681,3 +681,17 @@ def test_csv_without_an_image_column_says_so_plainly_and_spots_semicolons(tmp_pa
     semi.write_text("image;prompt\na.png;hi\n")
     with pytest.raises(BatchError, match="seems to use ';' between fields: save it with commas"):
         read_requests(semi)
+
+
+def test_retry_errors_that_cannot_write_its_new_file_leaves_the_output_untouched(tmp_path):
+    """(Root ignores a read-only folder, so a folder where the new file would go stands in for it.)"""
+    out = tmp_path / "out.jsonl"
+    text = '{"id": "a", "answer": "x", "error": null}\n{"id": "b", "answer": null, "error": "bad"}\n'
+    out.write_text(text)
+    (tmp_path / "out.jsonl.retry-tmp").mkdir()
+    with (
+        pytest.raises(BatchError, match=r"--retry-errors cannot rewrite .* the output is unchanged"),
+        ResultFile(out, retry_errors=True),
+    ):
+        pass
+    assert out.read_text() == text

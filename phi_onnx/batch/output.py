@@ -72,16 +72,24 @@ class ResultFile:
         real = Path(os.path.realpath(self.path))
         staging = real.with_name(real.name + ".retry-tmp")
         mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(self._fd, "rb", closefd=False) as old, open(fd, "wb") as new:
-            os.fchmod(fd, mode)  # after creation: the umask does not apply to fchmod
-            old.seek(0)
-            for raw in old:
-                if raw.strip() and json.loads(raw).get("error") is None:
-                    new.write(raw)
-            new.flush()
-            os.fsync(new.fileno())
-        os.replace(staging, real)
+        try:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(self._fd, "rb", closefd=False) as old, open(fd, "wb") as new:
+                os.fchmod(fd, mode)  # after creation: the umask does not apply to fchmod
+                old.seek(0)
+                for raw in old:
+                    if raw.strip() and json.loads(raw).get("error") is None:
+                        new.write(raw)
+                new.flush()
+                os.fsync(new.fileno())
+            os.replace(staging, real)
+        except OSError as err:  # the folder cannot take the new file (read-only, full): the output is untouched
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            raise BatchError(
+                f"--retry-errors cannot rewrite {str(real)!r} ({err.strerror}): it writes a new file next to it "
+                "first, so the folder must be writable and have room; the output is unchanged"
+            ) from err
         retried = self.failed_before
         self.close()
         self.done, self.failed_before = set(), 0
