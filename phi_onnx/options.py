@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from phi_onnx.errors import ContextLengthError, OptionsError
+from phi_onnx.prompt import kind_of
 
 MAX_CROPS = 64
 
@@ -230,7 +231,7 @@ def _check_schema(schema: Any) -> str | None:
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
-        raise OptionsError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+        raise OptionsError(f"json_schema must be a JSON object (a dict), got {kind_of(schema)}")
     _check_counts(schema, "json_schema")
     try:
         return json.dumps(schema, separators=(",", ":"), allow_nan=False)

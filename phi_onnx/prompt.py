@@ -88,7 +88,7 @@ def build_prompt(messages: Sequence[Mapping], reserved: Collection[str] = PHI3_S
             carry; the message's index and the problem are named.
     """
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise PromptError(f"messages must be a list of {{'role', 'content'}} dicts, got a {type(messages).__name__}")
+        raise PromptError(f"messages must be a list of {{'role', 'content'}} dicts, got {kind_of(messages)}")
     if not messages:
         raise PromptError("messages is empty: give at least one user message")
     pieces: list[str] = []
@@ -209,6 +209,23 @@ def check_image_tags(prompt: str, num_images: int) -> None:
     )
 
 
+def kind_of(value: object) -> str:
+    """What a value is, in words a Python and a JSON caller both read ("a string", "null", "a list", ...)."""
+    if value is None:
+        return "null (None)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object (dict)"
+    return f"a {type(value).__name__}"
+
+
 def check_text(text: str, where: str, reserved: Collection[str] = PHI3_SPECIAL_TOKENS) -> None:
     """Refuse caller text that would not reach the model as the caller wrote it.
 
@@ -229,7 +246,7 @@ def check_text(text: str, where: str, reserved: Collection[str] = PHI3_SPECIAL_T
         PromptError: The text is not a str, or contains one of the above; the message names it and its position.
     """
     if not isinstance(text, str):
-        raise PromptError(f"{where} must be a str, got a {type(text).__name__}")
+        raise PromptError(f"{where} must be a string, got {kind_of(text)}")
     bad = _UNCARRIED.search(text)
     if bad is not None:
         char = bad.group(0)
@@ -304,7 +321,7 @@ def _parse_message(index: int, message: object, reserved: Collection[str]) -> tu
     """(role, text parts, images) of one message, or a PromptError naming it."""
     where = f"message {index}"
     if not isinstance(message, Mapping):
-        raise PromptError(f"{where} is a {type(message).__name__}, not a {{'role', 'content'}} dict")
+        raise PromptError(f"{where} is {kind_of(message)}, not a {{'role', 'content'}} dict")
     role = message.get("role")
     if role not in ROLES:
         raise PromptError(f"{where} has role {role!r}: use one of {', '.join(ROLES)}")
@@ -317,7 +334,7 @@ def _parse_message(index: int, message: object, reserved: Collection[str]) -> tu
     if content is None:
         raise PromptError(f"{where} has no content: give it a string or a list of parts")
     if not isinstance(content, Sequence) or isinstance(content, bytes):
-        raise PromptError(f"{where} content is a {type(content).__name__}: give a string or a list of parts")
+        raise PromptError(f"{where} content is {kind_of(content)}: give a string or a list of parts")
     texts: list[str] = []
     images: list[ImageInput] = []
     for p, part in enumerate(content):
@@ -337,7 +354,7 @@ def _parse_message(index: int, message: object, reserved: Collection[str]) -> tu
             raise PromptError(
                 f"{where} part {p} has type {kind!r}: use 'text', 'image_url' or 'image' parts"
                 if isinstance(part, Mapping)
-                else f"{where} part {p} is a {type(part).__name__}, not a {{'type': ...}} dict"
+                else f"{where} part {p} is {kind_of(part)}, not a {{'type': ...}} dict"
             )
     return role, [t for t in texts if t], images
 
