@@ -694,6 +694,32 @@ def test_workers_dying_mid_generation_give_a_500_and_an_error_event_and_are_reap
         proc.stop(signal.SIGKILL)
 
 
+def test_when_grace_runs_out_running_requests_get_503_and_the_server_exits_in_time(tiny_model_dir, tmp_path):
+    proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--parallel", "2", "--threads", "1", "--grace", "1")
+    try:
+        whole = {}
+        call = lambda: whole.update(r=post(proc, LONG, key=None, headers={"X-Request-Id": "late-whole"}))  # noqa: E731
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        _, context, _, lines = _stream_lines(proc, LONG, "late-stream", key=None)
+        next(lines)
+        _wait_for(lambda: "phi_onnx_running_generations 2.0" in httpx.get(proc.url + "/metrics").text, "both running")
+        signalled = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        rest = list(lines)
+        context.__exit__(None, None, None)
+        thread.join(30)
+        assert proc.process.wait(30) == 0
+        assert time.monotonic() - signalled < 4, "exited over 3 s after its 1 s grace"
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+        response = whole["r"]
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+        assert response.headers["x-request-id"] == "late-whole"
+        assert "finish=shutdown" in proc.access("late-stream") and "Traceback" not in proc.log()
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
 # --- the command and the app factory -------------------------------------------------------------------------------
 
 

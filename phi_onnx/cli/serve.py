@@ -17,6 +17,8 @@ import click
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 
+_CLOSE_S = 2  # after the drain, how long connections get to send what they have before their tasks are cancelled
+
 
 @click.command()
 @click.argument("model", required=False)
@@ -34,7 +36,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds a request may take, queue included; then 504.")  # fmt: skip
 @click.option("--grace", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
-              help="Seconds running requests get to finish after SIGTERM.")  # fmt: skip
+              help="Seconds running requests get to finish after SIGTERM; then they get 503.")  # fmt: skip
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32, show_default=True,
               help="Largest request body in MB; larger is 413.")  # fmt: skip
 @click.option("--max-images", type=click.IntRange(min=1), default=16, show_default=True, help="Images per request.")
@@ -111,7 +113,7 @@ def serve(model: str | None, host: str, port: int, log_level: str, ray_address: 
     sock = _listen(host, port)  # before the model loads: a taken port is refused at once
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, server_header=False)  # fmt: skip
+                            timeout_graceful_shutdown=_CLOSE_S, server_header=False)  # fmt: skip
     server = _Server(config, app.state.phi, host)
     try:
         asyncio.run(server.serve(sockets=[sock]))
@@ -216,6 +218,12 @@ class _Server:
                 async def wait() -> None:
                     while state.scheduler.busy() and time.monotonic() < deadline:
                         await asyncio.sleep(0.05)
+                    if state.scheduler.busy():
+                        count = state.abandon()
+                        click.echo(f"phi-onnx serve: grace is over: stopping {count} running", err=True)
+                        stopped = time.monotonic() + 2  # each worker stops within one decode step
+                        while state.scheduler.busy() and time.monotonic() < stopped:
+                            await asyncio.sleep(0.02)
                     self.should_exit = True
 
                 asyncio.get_event_loop().create_task(wait())

@@ -44,6 +44,12 @@ class ServerState:
         """Refuse new requests with 503; running ones go on (``phi-onnx serve`` exits when they are done)."""
         self.draining = True
 
+    def abandon(self) -> int:
+        """The drain's grace ran out: queued and running requests are answered 503 ``shutting_down`` (a stream: an
+        error event) and their generations stopped. Returns how many there were."""
+        self.draining = True
+        return self.scheduler.abandon()
+
 
 def create_app(model: Any = None, settings: ServerSettings | None = None):
     """An ASGI app serving ``model`` with OpenAI's chat-completions API.

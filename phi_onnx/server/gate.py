@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -51,6 +53,13 @@ class Gate:
                 await _answer(send_with_id, *refusal)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # the ASGI server gave up on the request (its shutdown time is over)
+            if not status["started"]:
+                status["code"] = 503
+                with contextlib.suppress(Exception):
+                    message = "the server is shutting down: retry on another replica"
+                    await _answer(send_with_id, 503, _body(message, "service_unavailable", "shutting_down"))
+            raise
         except Exception:
             log.exception("request %s failed", request_id)
             if not status["started"]:

@@ -121,6 +121,16 @@ class Run:
 
     async def _next(self) -> tuple:
         event = await self.job.events.get()
+        if event[0] == "shutdown":
+            self.log["finish"] = "shutdown"
+            raise APIError(
+                503,
+                "the server is shutting down and its grace period ran out before this request finished: retry on "
+                "another replica",
+                type="service_unavailable",
+                code="shutting_down",
+                headers={"Retry-After": "5"},
+            )
         if event[0] == "timeout":
             self.log["finish"] = "timeout"
             raise APIError(

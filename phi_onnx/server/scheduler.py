@@ -148,6 +148,16 @@ class Scheduler:
             with contextlib.suppress(OSError):  # a worker that is gone fails the job in _readable
                 job.worker.conn.send(("cancel", job.id))
 
+    def abandon(self) -> int:
+        """Give up on every queued and running job (the server stops): each gets a ``("shutdown",)`` event and is
+        cancelled. Returns how many there were."""
+        jobs = [*self._waiting, *(w.job for w in self._workers if w.job is not None)]
+        for job in jobs:
+            if not job.finished:
+                job.events.put_nowait(("shutdown",))
+                self.cancel(job)
+        return len(jobs)
+
     def _idle_worker(self) -> _Worker | None:
         return next((w for w in self._workers if w.ready and w.job is None), None)
 
