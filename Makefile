@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch's CPU build first: an unpinned torch would pull a CUDA build of several GB.
 TORCH ?= torch==2.13.0
+# Where to get it: empty for pip's configured index; https://download.pytorch.org/whl/cpu for the CPU build on PyPI.
+TORCH_INDEX ?=
 # The runtime flavour: CUDA where an NVIDIA driver answers, else CPU.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PROMPT ?= Describe this image.
@@ -21,7 +23,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[cpu,export,test,bench]"
 	touch $@ $(VENV)/.runtime
 
