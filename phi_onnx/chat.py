@@ -12,7 +12,7 @@ seen.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from phi_onnx.errors import PromptError
@@ -42,8 +42,7 @@ class Chat:
         self.pending: list[Any] = []
         # This conversation's own generator, never evicted by other traffic.
         self._live = SessionPool(1, 2**62, owned=True)
-        self._open: Iterator[Chunk] | None = None  # the turn being answered
-        self._turns = 0
+        self._open: Generator[Chunk, None, None] | None = None  # the last turn's stream (open while it has a frame)
         self._open_thread = 0
 
     @property
@@ -82,7 +81,7 @@ class Chat:
         from phi_onnx.model import CROPS
 
         start = time.perf_counter()
-        if self._open is not None:
+        if self._open is not None and self._open.gi_frame is not None:  # not finished, closed or abandoned yet
             if self._open_thread != threading.get_ident():
                 raise PromptError(
                     "this Chat is answering a turn in another thread: a Chat is one conversation, so wait for that "
@@ -108,24 +107,19 @@ class Chat:
             for frame in unmarked:
                 del frame.info[CROPS]
             raise
-        self._turns += 1
-        self._open = self._record(chunks, user, self._turns)
+        self._open = self._record(chunks, user)
         self._open_thread = threading.get_ident()
         return self._open
 
-    def _record(self, chunks: Iterator[Chunk], user: dict[str, Any], turn: int) -> Iterator[Chunk]:
+    def _record(self, chunks: Iterator[Chunk], user: dict[str, Any]) -> Generator[Chunk, None, None]:
         parts: list[str] = []
-        try:
-            for chunk in chunks:
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None:  # recorded before the last chunk goes out: a caller may stop there
-                    self.messages.append(user)
-                    self.messages.append({"role": "assistant", "content": "".join(parts)})
-                    self.pending = []
-                yield chunk
-        finally:
-            if self._turns == turn:  # an older turn closed late must not unmark the open one
-                self._open = None
+        for chunk in chunks:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:  # recorded before the last chunk goes out: a caller may stop there
+                self.messages.append(user)
+                self.messages.append({"role": "assistant", "content": "".join(parts)})
+                self.pending = []
+            yield chunk
 
     def _decode(self, image: ImageInput) -> list:
         from phi_onnx.model import DECODED

@@ -104,20 +104,21 @@ def _keep_after(chunks: Iterator[Chunk], live: Live, pool: SessionPool | None, e
     every generator when ``pool`` is None.
     """
     kept = False
-    text: list[str] = []
+    text: list[str] | None = [] if pool is not None and pool.owned else None  # only a conversation compares texts
     try:
         for chunk in chunks:
-            text.append(chunk.text)
+            if text is not None:
+                text.append(chunk.text)
             if chunk.finish_reason is not None and pool is not None:
                 # Kept before the last chunk goes out, so a caller that stops reading at finish_reason still has it.
-                kept = _keep(chunk, live, pool, eos, "".join(text))
+                kept = _keep(chunk, live, pool, eos, None if text is None else "".join(text))
             yield chunk
     finally:
         if not kept:
             live.close()
 
 
-def _keep(last: Chunk, live: Live, pool: SessionPool, eos: frozenset[int], text: str) -> bool:
+def _keep(last: Chunk, live: Live, pool: SessionPool, eos: frozenset[int], text: str | None) -> bool:
     generator = live.generator
     if (last.token_id is None) != (last.finish_reason == "stop") or generator.full:
         return False  # a stop string cut the answer, or og stopped at max_length

@@ -198,7 +198,7 @@ def extends(
 
 
 def _same_text(generated: str, resent: str) -> bool:
-    return generated == resent or generated.removeprefix(" ") == resent.removeprefix(" ")
+    return generated.removeprefix(" ") == resent.removeprefix(" ")
 
 
 def search_key(search: dict[str, Any]) -> tuple:
