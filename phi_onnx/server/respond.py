@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +19,6 @@ _CODES = {
     "PromptError": "invalid_prompt",
 }
 _PARAMS = {"ContextLengthError": "messages", "PromptError": "messages"}  # when the error names no part
-_MESSAGE = re.compile(r"message (\d+)\b")
 
 
 class Run:
@@ -151,8 +149,6 @@ class Run:
             log.error("request %s failed: %s", self.request_id, message)
             return APIError(500, f"internal error (request id {self.request_id})", type="server_error")
         param = event[4] if len(event) > 4 else _PARAMS.get(kind)
-        if kind == "PromptError" and len(event) <= 4 and (named := _MESSAGE.match(message)):
-            param = f"messages[{named.group(1)}]"  # the prompt builder numbers the request's messages as sent
         if kind == "OptionsError":  # the model's own limits: top_k against the vocabulary, a constraint it compiles
             param = "top_k" if "top_k" in message else self.req.constraint
         return APIError(400, message, param=param, code=_CODES.get(kind))

@@ -7,16 +7,19 @@ once.
 
 Messages, main -> worker: ``("run", job_id, request)``, ``("cancel", job_id)``, ``("stop",)``.
 Worker -> main: ``("ready", info)`` or ``("failed", message)`` once; then per job ``("error", job_id, kind, message)``
-(with the part it names, ``messages[i].content[j]``, as a fifth item when it names one)
+(with the message or part it names, ``messages[i]`` or ``messages[i].content[j]``, as a fifth item when it names one)
 or ``("start", job_id, stats, first text)``, ``("text", job_id, text, generated)`` per later token, and
 ``("done", job_id, stats)``.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import traceback
 from typing import Any
+
+_MESSAGE = re.compile(r"message (\d+)\b")  # how the prompt builder names a message in its errors
 
 
 def main(conn, load_kwargs: dict[str, Any]) -> None:
@@ -49,7 +52,7 @@ def main(conn, load_kwargs: dict[str, Any]) -> None:
 
 def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
     """Run one job; returns "stop" when a stop message arrived during it."""
-    from phi_onnx.errors import PhiOnnxError
+    from phi_onnx.errors import PhiOnnxError, PromptError
     from phi_onnx.options import GenerationOptions
 
     try:
@@ -79,7 +82,9 @@ def _run(conn, model, job_id: int, request: dict[str, Any]) -> str | None:
         conn.send(("error", job_id, type(err.__cause__).__name__, str(err), err.where))
         return
     except PhiOnnxError as err:
-        conn.send(("error", job_id, type(err).__name__, str(err)))
+        named = _MESSAGE.match(str(err)) if isinstance(err, PromptError) else None  # "message 2 (user) ..."
+        where = (f"messages[{named.group(1)}]",) if named else ()  # the prompt builder numbers messages as sent
+        conn.send(("error", job_id, type(err).__name__, str(err), *where))
         return
     except Exception as err:
         conn.send(("error", job_id, "internal", "".join(traceback.format_exception_only(err)).strip()))
