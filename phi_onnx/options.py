@@ -224,6 +224,19 @@ def _check_schema(schema: Any) -> str | None:
     if schema is None:
         return None
     if isinstance(schema, str):
+        return _schema_text(schema)
+    return _compact_schema(schema)
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_text(text: str) -> str:
+    """:func:`_check_schema` for JSON text, once per text: options are merged again for every request and item, and
+    each merge checks its schema."""
+    return _compact_schema(text)
+
+
+def _compact_schema(schema: Any) -> str:
+    if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except ValueError as err:
