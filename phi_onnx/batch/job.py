@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -243,7 +243,7 @@ def run_job(
     refuse_own_image(Path(output).expanduser(), requests)
     defaults = model.check_options(_defaults(model, options))  # bad job-wide options stop the job, not each item
     with ResultFile(output, retry_errors=retry_errors) as out:
-        pending = not_done(requests, out)
+        pending = not_done(requests, out.done)
         _say(log, _plan(len(requests), len(requests) - len(pending), out))
         bar = Progress(len(pending), enabled=progress)
         start = time.perf_counter()
@@ -257,9 +257,10 @@ def run_job(
         return summarise(bar, len(requests), len(requests) - len(pending), start, out.repaired)
 
 
-def not_done(requests: list[Request], out: ResultFile) -> list[Request]:
-    """The requests whose id is not in ``out`` yet (ids compared as the text the lines hold: 5 matches "5")."""
-    return [r for r in requests if str(r.id) not in out.done]
+def not_done(requests: list[Request], done: Collection[str]) -> list[Request]:
+    """The requests whose id is not among the ``done`` ids of an output (compared as the text the lines hold: 5
+    matches "5")."""
+    return [r for r in requests if str(r.id) not in done]
 
 
 def summarise(bar: Progress, total: int, skipped: int, start: float, repaired: bool) -> JobSummary:

@@ -134,7 +134,7 @@ class RayJob:
         started = False
         try:
             with ResultFile(output, retry_errors=retry_errors) as out:  # the output is checked before Ray starts
-                pending = not_done(requests, out)
+                pending = not_done(requests, out.done)
                 _say(None, _plan(len(requests), len(requests) - len(pending), out) + f" on Ray, {self.workers} workers")
                 started = bool(pending) and self._connect(ray)  # nothing to do starts no Ray
                 bar = Progress(len(pending), enabled=progress)

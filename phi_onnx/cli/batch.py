@@ -93,6 +93,7 @@ def batch(
       phi-onnx batch ./scans -p "Describe it." -o out.jsonl --ray auto --workers 8     # an existing cluster
     """
     from phi_onnx.batch import check_output, read_requests
+    from phi_onnx.batch.job import not_done
     from phi_onnx.errors import BatchError
     from phi_onnx.options import GenerationOptions
 
@@ -112,7 +113,7 @@ def batch(
     done, to_retry = check_output(
         output, inputs=[source], requests=requests, retry_errors=retry_errors
     )  # before any model loads
-    if not to_retry and all(str(r.id) in done for r in requests):
+    if not to_retry and not not_done(requests, done):
         click.echo(f"batch: all {len(requests)} items are already in {output}; nothing to do", err=True)
         return
     try:
