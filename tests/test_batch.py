@@ -498,13 +498,17 @@ def test_inputs_saved_with_a_byte_order_mark_are_read(tmp_path):
 
 def test_bad_job_wide_options_stop_the_job_before_its_first_item(tiny_model, tmp_path):
     """A regex that does not compile would otherwise be an error line for every one of a million items."""
-    from phi_onnx.errors import OptionsError
+    from phi_onnx.errors import ContextLengthError, OptionsError
 
     lines = tmp_path / "requests.jsonl"
     lines.write_text("".join(json.dumps({"id": str(i), "prompt": "hi"}) + "\n" for i in range(3)))
     out = tmp_path / "out.jsonl"
-    for options in ({"regex": "(unclosed"}, {"max_new_tokens": 10**7}):
-        with pytest.raises(OptionsError):
+    # (a max_new_tokens the options' own range refuses would never reach the model's check: the context's length does)
+    for options, error in (
+        ({"regex": "(unclosed"}, OptionsError),
+        ({"max_new_tokens": tiny_model.context_length}, ContextLengthError),
+    ):
+        with pytest.raises(error):
             run_job(tiny_model, read_requests(lines), out, options=options, progress=False, log=lambda _: None)
         assert not out.exists() or out.read_text() == ""
 

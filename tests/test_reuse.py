@@ -362,7 +362,7 @@ def test_an_unwritable_cache_dir_falls_back_to_og_vision(tiny_model_dir, tmp_pat
 @pytest.mark.parametrize(
     "crops, preprocessor", [(None, "phi-onnx"), (1, "phi-onnx"), (9, "phi-onnx"), (None, "onnxruntime-genai")]
 )
-def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images, crops, preprocessor):
+def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images, crops, preprocessor, monkeypatch):
     """count_tokens (the server's check before a prompt pass) gives the prompt length stream() feeds, for one and
     several images, text only, and og's preprocessing, while it skips the HD transform where phi-onnx owns vision."""
     model = reuse_model if preprocessor == "phi-onnx" else phi_onnx.load(tiny_model_dir, preprocessor=preprocessor)
@@ -377,8 +377,15 @@ def test_count_tokens_matches_the_prompt_fed(tiny_model_dir, reuse_model, images
             }
         ],
     ]
+    transforms = []  # the HD transform, wherever count_tokens might call it
+    for owner, name in ((model._hd, "transform"), (phi_onnx.vision.preprocess, "preprocess_images")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, **k: transforms.append(1) or _real(*a, **k))
     for messages in cases:
+        before = len(transforms)
         count = model.count_tokens(messages=messages, options=model.options.updated(opts))
+        if preprocessor == "phi-onnx":
+            assert len(transforms) == before, "count_tokens ran the HD transform"
         fed = model.generate(messages=messages, options=opts).prompt_tokens
         assert count == fed == model.prepare(messages=messages, options=model.options.updated(opts)).prompt_tokens
 

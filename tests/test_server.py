@@ -656,6 +656,19 @@ def _wait_for(predicate, what: str, timeout: float = 20):
     return value
 
 
+def _two_long_requests(proc, name: str):
+    """A whole request (id NAME-whole, in a thread) and a streamed one (NAME-stream, its first line read), both
+    running on the server's two workers: (the whole one's result dict, its thread, the stream's context, its lines)."""
+    whole: dict = {}
+    call = lambda: whole.update(r=post(proc, LONG, key=None, headers={"X-Request-Id": f"{name}-whole"}))  # noqa: E731
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    _, context, _, lines = _stream_lines(proc, LONG, f"{name}-stream", key=None)
+    next(lines)
+    _wait_for(lambda: "phi_onnx_running_generations 2.0" in httpx.get(proc.url + "/metrics").text, "both running")
+    return whole, thread, context, lines
+
+
 def test_workers_dying_mid_generation_give_a_500_and_an_error_event_and_are_reaped(tiny_model_dir, tmp_path):
     import psutil
 
@@ -663,13 +676,7 @@ def test_workers_dying_mid_generation_give_a_500_and_an_error_event_and_are_reap
     try:
         server = psutil.Process(proc.process.pid)
         _wait_for(lambda: len(server.children()) == 2, "two workers")
-        whole = {}
-        call = lambda: whole.update(r=post(proc, LONG, key=None, headers={"X-Request-Id": "dies-whole"}))  # noqa: E731
-        thread = threading.Thread(target=call, daemon=True)
-        thread.start()
-        _, context, _, lines = _stream_lines(proc, LONG, "dies-stream", key=None)
-        next(lines)
-        _wait_for(lambda: "phi_onnx_running_generations 2.0" in httpx.get(proc.url + "/metrics").text, "both running")
+        whole, thread, context, lines = _two_long_requests(proc, "dies")
         workers = server.children()
         for worker in workers:
             worker.kill()
@@ -698,13 +705,7 @@ def test_workers_dying_mid_generation_give_a_500_and_an_error_event_and_are_reap
 def test_when_grace_runs_out_running_requests_get_503_and_the_server_exits_in_time(tiny_model_dir, tmp_path):
     proc = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--parallel", "2", "--threads", "1", "--grace", "1")
     try:
-        whole = {}
-        call = lambda: whole.update(r=post(proc, LONG, key=None, headers={"X-Request-Id": "late-whole"}))  # noqa: E731
-        thread = threading.Thread(target=call, daemon=True)
-        thread.start()
-        _, context, _, lines = _stream_lines(proc, LONG, "late-stream", key=None)
-        next(lines)
-        _wait_for(lambda: "phi_onnx_running_generations 2.0" in httpx.get(proc.url + "/metrics").text, "both running")
+        whole, thread, context, lines = _two_long_requests(proc, "late")
         signalled = time.monotonic()
         proc.process.send_signal(signal.SIGTERM)
         rest = list(lines)
