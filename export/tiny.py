@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class Size:
     layers: int
     heads: int
     kv_heads: int
+    dtype: torch.dtype = torch.float32  # the checkpoint's stored dtype
 
 
 SIZES: dict[str, Size] = {
@@ -72,7 +75,10 @@ SIZES: dict[str, Size] = {
     # Until issue 12 it was 256 wide x 4 layers (ratio 0.13; 0.17 at 17 crops).
     "bench": Size(VisionConfig(384, 1536, 5, 6), hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16),
     # The real dimensions of Phi-3-vision (CLIP ViT-L/14-336 and Phi-3-mini), random weights.
-    "full": Size(VisionConfig(), hidden=3072, intermediate=8192, layers=32, heads=32, kv_heads=32),
+    # Stored in bfloat16 like the published checkpoints (8.3 GB; fp32 would be 16.6 GB), written tensor by tensor.
+    "full": Size(
+        VisionConfig(), hidden=3072, intermediate=8192, layers=32, heads=32, kv_heads=32, dtype=torch.bfloat16
+    ),
 }
 
 
@@ -98,28 +104,44 @@ def make_config(size: str, seed: int = 0) -> Phi3VConfig:
     return Phi3VConfig(text=text, vision=s.vision)
 
 
+def random_weights(cfg: Phi3VConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, fp32 tensor)`` for every parameter of ``Phi3VModel(cfg)``, one at a time, in name order.
+
+    Seeded random weights scaled so activations stay O(1) and logits are peaked (greedy decoding is then well
+    separated from ties, which keeps ONNX/PyTorch token parity meaningful). One tensor at a time, so a full-size
+    checkpoint never needs the whole model in memory.
+    """
+    from phi_onnx_export.modeling import Phi3VModel
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Phi3VModel(cfg).named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if len(shape) == 1 and ("norm" in name or "layer_norm" in name or "layrnorm" in name):
+            base = 1.0 if name.endswith("weight") else 0.0
+            yield name, base + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith("bias"):
+            yield name, 0.02 * torch.randn(shape, generator=gen)
+        elif "lm_head" in name:
+            yield name, torch.randn(shape, generator=gen) * (6.0 / math.sqrt(shape[-1]))
+        elif ("embed" in name and "patch" not in name) or name.endswith("_GN"):
+            yield name, torch.randn(shape, generator=gen) * 0.5
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+            yield name, torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
 def random_model(cfg: Phi3VConfig, seed: int = 0):
-    """A Phi3VModel with seeded random weights scaled so activations stay O(1) and logits are peaked
-    (greedy decoding is then well separated from ties, which keeps ONNX/PyTorch token parity meaningful)."""
+    """A Phi3VModel with the seeded random weights of :func:`random_weights`."""
     from phi_onnx_export.modeling import Phi3VModel
 
     torch.manual_seed(seed)
     model = Phi3VModel(cfg)
-    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim == 1 and ("norm" in name or "layer_norm" in name or "layrnorm" in name):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-            elif "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (6.0 / math.sqrt(p.shape[-1])))
-            elif ("embed" in name and "patch" not in name) or name.endswith("_GN"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+        for name, tensor in random_weights(cfg, seed):
+            params[name].copy_(tensor)
     return model.eval()
 
 
@@ -224,15 +246,56 @@ def write_tokenizer(folder: Path, merges_wanted: int = 768) -> None:
 
 
 def write_random_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight Phi-3-V checkpoint in the official Hugging Face layout."""
-    from phi_onnx_export.checkpoint import save_checkpoint
+    """Write a random-weight Phi-3-V checkpoint in the official Hugging Face layout.
+
+    Streams: each tensor is made, cast to the size's dtype and added to the current shard, and a shard is written
+    once it reaches 2 GiB, so peak memory is about one shard (the `full` size never holds its 8.3 GB at once).
+    """
+    from safetensors.torch import save_file
+
+    from phi_onnx_export.checkpoint import SHARD_LIMIT, official_key
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = make_config(size, seed)
-    model = random_model(cfg, seed)
-    save_checkpoint(model, cfg, folder)
+    dtype = SIZES[size].dtype
+    config = {**cfg.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(written) + 1}.tmp"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        written.append((name, sorted(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in random_weights(cfg, seed):
+        tensor = tensor.to(dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + nbytes > SHARD_LIMIT:
+            flush()
+        shard[official_key(name)] = tensor
+        shard_bytes += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        os.replace(folder / written[0][0], folder / "model.safetensors")
+    else:
+        index: dict = {"metadata": {"total_size": total}, "weight_map": {}}
+        for i, (tmp, keys) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            os.replace(folder / tmp, folder / final)
+            index["weight_map"].update(dict.fromkeys(keys, final))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    mask = os.umask(0)
+    os.umask(mask)
+    for shard in folder.glob("*.safetensors"):
+        shard.chmod(0o666 & ~mask)  # safetensors writes 0600
     write_tokenizer(folder)
     gen_cfg = {"bos_token_id": 1, "eos_token_id": [32000, 32007], "pad_token_id": 32000, "do_sample": False}
     (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
