@@ -196,20 +196,24 @@ def _stderr(msg: str) -> None:
 
 
 def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
-    import torch
-
     from phi_onnx_export.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     log(f"loading {plan.checkpoint}")
-    model, cfg = load_checkpoint(plan.checkpoint, dtype=torch.float32)
+    # In the checkpoint's own dtype (bfloat16 for the published ones): half the memory of fp32 for the decoder, which
+    # the model builder reads from it (exactly: bfloat16 widens to fp32 without loss).
+    model, cfg = load_checkpoint(plan.checkpoint, dtype=None)
+    stored = model.embed_tokens.weight.dtype
     names = {part: f"{GRAPH_PREFIX}-{part}.onnx" for part in ("vision", "embedding", "text")}
     with tempfile.TemporaryDirectory(dir=out) as work:
         work = Path(work)
         log("exporting the vision graph (CLIP, HD feature transform, projector)")
+        model.vision.float()  # the graphs compute in fp32 (fp16 builds convert them afterwards)
         export_vision(model, out / names["vision"], plan.io_dtype)
         log("exporting the embedding graph")
+        model.embed_tokens.float()
         export_embedding(model, out / names["embedding"], plan.io_dtype)
+        model.embed_tokens.to(stored)
         log(f"building the {plan.precision} decoder with onnxruntime_genai.models.builder")
         text_dir = work / "hf-text"
         with tool_output():
@@ -219,18 +223,30 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
             if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
                 shutil.copy2(f, text_dir / f.name)
                 shutil.copy2(f, out / f.name)
-        build_decoder(text_dir, out, names["text"], plan, work / "cache")
+        cpu_int4 = plan.precision == "int4" and plan.device == "cpu"
+        # CPU int4: the builder writes fp32 and quantize_decoder makes the int4 (and int8 prompt) weights one at a
+        # time; the builder's own int4 pass holds the whole model in fp32 several times over (48 GB at full size).
+        build_decoder(text_dir, out, names["text"], plan, work / "cache", precision="fp32" if cpu_int4 else None)
+        shutil.rmtree(text_dir)
         # The builder re-saves the tokenizer files and loses chat_template, add_bos_token and added_tokens_decoder:
         # the folder carries the checkpoint's own files, as Microsoft's published folders do.
         for f in plan.checkpoint.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
                 shutil.copy2(f, out / f.name)
-        if plan.int8_prefill:
-            from phi_onnx_export.cpu_int4 import dual_path_decoder, quantize_vision_int8
+        if cpu_int4:
+            from phi_onnx_export.cpu_int4 import quantize_decoder, quantize_vision_int8
 
-            log("int4 on the CPU: int8 (AMX/VNNI) kernels for prompt processing and the vision graph")
-            dual_path_decoder(out / names["text"])
-            quantize_vision_int8(out / names["vision"], work)
+            fp32 = work / "fp32"
+            fp32.mkdir()
+            for name in (names["text"], names["text"] + ".data"):
+                os.replace(out / name, fp32 / name)
+            twins = " with int8 weights for the prompt pass" if plan.int8_prefill else ""
+            log(f"quantizing the decoder to int4{twins}")
+            quantize_decoder(fp32 / names["text"], out / names["text"], int8_prefill=plan.int8_prefill)
+            shutil.rmtree(fp32)
+            if plan.int8_prefill:
+                log("quantizing the vision graph to int8")
+                quantize_vision_int8(out / names["vision"], work)
     write_genai_config(out, names, cfg.text.hidden_size)
     (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
     log(f"built in {time.perf_counter() - t0:.1f} s")
@@ -333,18 +349,21 @@ def export_embedding(model, path: Path, io_dtype: str = "float32") -> None:
     _export(Embedding(), (ids, feats), path, ["input_ids", "image_features"], ["inputs_embeds"], axes, io_dtype)
 
 
-def build_decoder(text_dir: Path, out: Path, filename: str, plan: BuildPlan, cache: Path) -> None:
-    """Run onnxruntime-genai's model builder on the text part (embeddings excluded: ours feed inputs_embeds)."""
+def build_decoder(
+    text_dir: Path, out: Path, filename: str, plan: BuildPlan, cache: Path, precision: str | None = None
+) -> None:
+    """Run onnxruntime-genai's model builder on the text part (embeddings excluded: ours feed inputs_embeds), at
+    ``precision`` (default: the plan's)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     # prune_lm_head: the prompt pass computes logits for the last position only (generation reads nothing else);
     # for a 2k-token image prompt that skips a [2k x hidden] x [hidden x 32064] MatMul and a 250 MB logits copy.
     extra = ["exclude_embeds=true", f"filename={filename}", "prune_lm_head=true"]
-    if plan.precision == "int4":
+    builder_precision = precision or plan.precision
+    if builder_precision == "int4":
         extra.append("int4_block_size=32")
         if plan.device == "cpu":
             extra.append("int4_accuracy_level=4")
-    builder_precision = plan.precision
     with tool_output(), _quiet_warnings():
         opts = parse_extra_options(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), extra)
         create_model(None, str(text_dir), str(out), builder_precision, plan.device, str(cache), **opts)

@@ -51,12 +51,12 @@ def check_checkpoint_dir(path: Path) -> list[Path]:
     return shards
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = torch.float32, attn_implementation: str = "eager"):
     """Load a phi3_v checkpoint into our module.
 
     Args:
         path: Folder with config.json, safetensors shards and tokenizer files.
-        dtype: Parameter dtype of the returned module.
+        dtype: Parameter dtype of the returned module; None keeps each tensor's stored dtype.
         attn_implementation: transformers attention for the decoder ("eager" or "sdpa").
 
     Returns:
@@ -79,7 +79,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
         for key, tensor in load_file(str(shard)).items():
             key = _normalise_key(key)
             if key in expected:
-                state[expected[key]] = tensor.to(dtype)
+                state[expected[key]] = tensor if dtype is None else tensor.to(dtype)
             elif key != "model.embed_tokens.weight":
                 unknown.append(key)
     missing = sorted(k for k, ours in expected.items() if ours not in state)

@@ -14,80 +14,188 @@ from phi_onnx_export.build import _quiet_warnings
 PREFILL_MIN_TOKENS = 2  # passes of at least this many tokens (the prompt) take the int8 branch; decode steps the int4
 
 
-def dual_path_decoder(path: Path) -> None:
-    """Give every int4 MatMulNBits of the decoder body an int8 twin for prompt processing.
+def quantize_decoder(
+    src: Path, dst: Path, *, int8_prefill: bool, block_size: int = 32, accuracy_level: int = 4
+) -> None:
+    """Quantize the model builder's fp32 decoder ``src`` to int4 at ``dst``, one weight at a time.
 
-    On the CPU, MatMulNBits (int4 weights, int8 compute) runs large prompts at about fp32 GEMM speed, while
-    DynamicQuantizeMatMul with int8 weights uses the AMX/VNNI integer GEMM kernels (several times faster on a
-    2k-token prompt on this project's 2-core Xeon; see BENCHMARKS.md). Each MatMulNBits becomes
-    ``If(sequence_length >= 2, int8 twin, int4 original)``: prompts go through int8 weights dequantized from the int4
-    ones (per-column scales, so both paths approximate the same int4 weights), single-token decode steps keep the
-    memory-light int4 kernel. The lm_head stays int4 (it sees one position once the head is pruned). Memory: the int8
-    copy is twice the int4 body (together 3/4 of fp32).
+    Every MatMul with a constant 2-D weight becomes MatMulNBits (4 bits, symmetric, per-block scales: the kernel and
+    layout of onnxruntime's MatMulNBitsQuantizer, which the model builder's own int4 path runs; the node and tensor
+    names are the builder's too). Weights are read through memory maps and written to ``dst``'s data file as they are
+    made, so the peak memory is one weight, not the model: the builder's in-memory int4 pass needs about 3x the fp32
+    weights, 48 GB for the full-size decoder.
+
+    With ``int8_prefill`` every decoder-body MatMulNBits gets an int8 twin for prompt processing. On the CPU,
+    MatMulNBits (int4 weights, int8 compute) runs large prompts at about fp32 GEMM speed, while DynamicQuantizeMatMul
+    with int8 weights runs on the integer GEMM kernels (VNNI/AMX: 2.5-3.5x faster on this project's CPUs, see
+    BENCHMARKS.md). Each becomes ``If(sequence_length >= 2, int8 twin, int4 original)``: prompts go through int8
+    weights requantized from the int4 ones (per-column scales, so both paths approximate the same int4 weights),
+    single-token decode steps keep the memory-light int4 kernel. The lm_head stays int4 (it sees one position once the
+    head is pruned). Memory: the int8 copy is twice the int4 body (together 3/4 of fp32).
     """
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
+    if "inputs_embeds" not in {i.name for i in graph.input}:
+        raise ExportError(f"{src.name} has no inputs_embeds input: was it built with exclude_embeds=true?")
     inits = {t.name: t for t in graph.initializer}
-    embeds = "inputs_embeds"
-    if embeds not in {i.name for i in graph.input}:
-        raise ExportError(f"{path.name} has no inputs_embeds input: was it built with exclude_embeds=true?")
-    threshold = numpy_helper.from_array(np.array([PREFILL_MIN_TOKENS - 1], np.int64), "/dual/threshold")
-    nodes = [
-        helper.make_node("Shape", [embeds], ["/dual/seq_len"], name="/dual/Shape", start=1, end=2),
-        helper.make_node("Greater", ["/dual/seq_len", threshold.name], ["/dual/prompt_1d"], name="/dual/Greater"),
-        helper.make_node("Squeeze", ["/dual/prompt_1d"], ["/dual/is_prompt"], name="/dual/Squeeze"),
-    ]
-    moved: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "MatMulNBits" or "lm_head" in node.name or len(node.input) != 3:
-            nodes.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits", 4) != 4:
-            nodes.append(node)
-            continue
-        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        packed = numpy_helper.to_array(inits[node.input[1]])  # [N, blocks, block/2], low nibble first
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1)
-        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, -1, block).astype(np.int16) - 8
-        w = (q * scales[:, :, None]).reshape(n, -1)[:, :k].T  # [K, N] float32, the int4 weights
-        col = np.abs(w).max(0) / 127.0
-        col[col == 0] = 1.0
-        w8 = numpy_helper.from_array(np.clip(np.round(w / col), -127, 127).astype(np.int8), node.name + "/W_int8")
-        s8 = numpy_helper.from_array(col.astype(np.float32), node.name + "/W_int8_scale")
-        out = node.output[0]
-        int8 = helper.make_node("DynamicQuantizeMatMul", [node.input[0], w8.name, s8.name], [out + "/int8"],
-                                name=node.name + "/int8", domain="com.microsoft")  # fmt: skip
-        prompt = helper.make_graph(
-            [int8],
-            node.name + "/prompt",
-            [],
-            [helper.make_tensor_value_info(out + "/int8", TensorProto.FLOAT, None)],
-            [w8, s8],
-        )
-        step = onnx.NodeProto()
-        step.CopyFrom(node)
-        step.output[0] = out + "/int4"
-        decode = helper.make_graph(
-            [step],
-            node.name + "/step",
-            [],
-            [helper.make_tensor_value_info(out + "/int4", TensorProto.FLOAT, None)],
-            [inits[node.input[1]], inits[node.input[2]]],
-        )
-        moved.update(node.input[1:])
-        nodes.append(helper.make_node("If", ["/dual/is_prompt"], [out], name=node.name + "/dual",
-                                      then_branch=prompt, else_branch=decode))  # fmt: skip
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in moved]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, threshold])
-    _save_external(model, path)
+    data = dst.parent / (dst.name + ".data")
+    with _DataWriter(data, src.parent) as writer:
+        nodes = []
+        if int8_prefill:
+            threshold = numpy_helper.from_array(np.array([PREFILL_MIN_TOKENS - 1], np.int64), "/dual/threshold")
+            graph.initializer.append(threshold)
+            nodes += [
+                helper.make_node("Shape", ["inputs_embeds"], ["/dual/seq_len"], name="/dual/Shape", start=1, end=2),
+                helper.make_node("Greater", ["/dual/seq_len", threshold.name], ["/dual/prompt_1d"],
+                                 name="/dual/Greater"),
+                helper.make_node("Squeeze", ["/dual/prompt_1d"], ["/dual/is_prompt"], name="/dual/Squeeze"),
+            ]  # fmt: skip
+        quantized: set[str] = set()
+        new_inits = []
+        for node in graph.node:
+            weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+            if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+                nodes.append(node)
+                continue
+            w = writer.array(weight)  # [K, N] float32, memory-mapped
+            k, n = w.shape
+            blocks = (k + block_size - 1) // block_size
+            if blocks * block_size != k:
+                w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
+            packed = np.zeros((n, blocks, block_size // 2), np.uint8)
+            scales = np.zeros((n, blocks), np.float32)
+            zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)  # unused: symmetric
+            quantize_matmul_4bits(packed, np.ascontiguousarray(w), scales, zero_points, block_size, n, k, True)
+            del w
+            quantized.add(weight.name)
+            b4 = writer.tensor(packed, weight.name + "_Q4")
+            s4 = writer.tensor(scales, weight.name + "_scales")
+            step = helper.make_node("MatMulNBits", [node.input[0], b4.name, s4.name], [node.output[0]],
+                                    name=node.name + "_Q4", domain="com.microsoft", K=k, N=n, bits=4,
+                                    block_size=block_size, accuracy_level=accuracy_level)  # fmt: skip
+            if not int8_prefill or "lm_head" in node.name:
+                new_inits += [b4, s4]
+                nodes.append(step)
+                continue
+            w8, col = _int8_twin(packed, scales, k, n, block_size)
+            out = node.output[0]
+            w8t = writer.tensor(w8, step.name + "/W_int8")
+            s8t = writer.tensor(col, step.name + "/W_int8_scale")
+            del w8, col
+            int8 = helper.make_node("DynamicQuantizeMatMul", [node.input[0], w8t.name, s8t.name], [out + "/int8"],
+                                    name=step.name + "/int8", domain="com.microsoft")  # fmt: skip
+            prompt = helper.make_graph([int8], step.name + "/prompt", [],
+                                       [helper.make_tensor_value_info(out + "/int8", TensorProto.FLOAT, None)],
+                                       [w8t, s8t])  # fmt: skip
+            step.output[0] = out + "/int4"
+            decode = helper.make_graph([step], step.name + "/step", [],
+                                       [helper.make_tensor_value_info(out + "/int4", TensorProto.FLOAT, None)],
+                                       [b4, s4])  # fmt: skip
+            nodes.append(helper.make_node("If", ["/dual/is_prompt"], [out], name=step.name + "/dual",
+                                          then_branch=prompt, else_branch=decode))  # fmt: skip
+        del graph.node[:]
+        graph.node.extend(nodes)
+        kept = [t for t in graph.initializer if t.name not in quantized]
+        del graph.initializer[:]
+        graph.initializer.extend([*kept, *new_inits])
+        writer.relocate(model)  # every other external tensor (norms, rotary caches in subgraphs) into the new file
+    onnx.save(model, str(dst))
+
+
+def _int8_twin(packed, scales, k: int, n: int, block: int):
+    """The int4 weights of a MatMulNBits ([N, blocks, block/2] packed, [N, blocks] scales) as int8 [K, N] with
+    per-column scales."""
+    import numpy as np
+
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, -1, block).astype(np.int8) - np.int8(8)
+    w = (q * scales[:, :, None]).reshape(n, -1)[:, :k].T  # [K, N] float32, the int4 weights
+    col = np.abs(w).max(0) / 127.0
+    col[col == 0] = 1.0
+    w8 = np.clip(np.round(w / col), -127, 127).astype(np.int8)
+    return w8, col.astype(np.float32)
+
+
+_NEW = "phi_onnx.written"  # marks tensors already in the new data file until relocate() is done
+
+
+class _DataWriter:
+    """Appends tensors to one external data file and reads the source model's external tensors via memory maps."""
+
+    def __init__(self, path: Path, source_dir: Path) -> None:
+        self.path, self.source_dir = path, source_dir
+        self.file = None
+        self.offset = 0
+
+    def __enter__(self):
+        self.file = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def array(self, tensor):
+        """A tensor's values: a read-only memory map of its external data, or its inline data."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        info = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location != 1 or "location" not in info:
+            return numpy_helper.to_array(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(self.source_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                         shape=tuple(tensor.dims))  # fmt: skip
+
+    def tensor(self, array, name: str):
+        """A TensorProto named ``name`` whose data is appended to the file (small ones stay inline)."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        if array.nbytes < 1024:
+            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        proto = numpy_helper.from_array(np.zeros((0,), array.dtype), name)
+        del proto.dims[:]
+        proto.dims.extend(array.shape)
+        self._external(proto, np.ascontiguousarray(array).tobytes())
+        return proto
+
+    def _external(self, proto, payload: bytes) -> None:
+        from onnx import TensorProto
+
+        pad = -self.offset % 64
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        self.file.write(payload)
+        proto.ClearField("raw_data")
+        proto.data_location = TensorProto.EXTERNAL
+        del proto.external_data[:]
+        fields = (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(payload))),
+                  (_NEW, "1"))  # fmt: skip
+        for key, value in fields:
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(payload)
+
+    def relocate(self, model) -> None:
+        """Copy every tensor still pointing into the source's data file into this one (initializers and attribute
+        tensors, subgraphs included)."""
+        from onnx.external_data_helper import _get_all_tensors
+
+        tensors = list(_get_all_tensors(model))
+        for proto in tensors:
+            if proto.data_location == 1 and all(e.key != _NEW for e in proto.external_data):
+                self._external(proto, self.array(proto).tobytes())
+        for proto in tensors:
+            kept = [(e.key, e.value) for e in proto.external_data if e.key != _NEW]
+            del proto.external_data[:]
+            for key, value in kept:
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def quantize_vision_int8(path: Path, work: Path) -> None:

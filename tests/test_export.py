@@ -361,6 +361,82 @@ def test_int4_without_int8_prefill_is_the_plain_builder_output(tmp_path, tiny_ch
         check_plan(tiny_checkpoint, tmp_path / "x", "fp32", "cpu", force=False, int8_prefill=True)
 
 
+def _graph_tensors(graph, acc: dict) -> dict:
+    """Every tensor of a graph (initializers, attribute tensors, subgraphs) by a stable name, as arrays."""
+    import onnx
+    from onnx import numpy_helper
+
+    for t in graph.initializer:
+        acc[t.name] = numpy_helper.to_array(t)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _graph_tensors(attr.g, acc)
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                acc[f"{node.name}/{attr.name}"] = numpy_helper.to_array(attr.t)
+    return acc
+
+
+def test_cpu_int4_quantization_equals_the_model_builders_int4(tmp_path, torch_tiny, tiny_checkpoint):
+    """CPU int4 builds run the builder in fp32 and quantize one weight at a time (quantize_decoder), which needs
+    memory for one weight where the builder's own int4 pass holds the model several times over. Without the int8
+    twins the result is exactly the builder's int4 decoder; with them, every body MatMulNBits is an If whose prompt
+    branch carries int8 weights within half an int8 step of the int4 weights."""
+    import onnx
+    from onnx import helper
+
+    from phi_onnx_export.build import BuildPlan, build_decoder
+    from phi_onnx_export.cpu_int4 import quantize_decoder
+
+    model, _ = torch_tiny
+    text = tmp_path / "hf-text"
+    model.lm.save_pretrained(text)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(tiny_checkpoint / name, text / name)
+    built = {}
+    for precision in ("fp32", "int4"):
+        folder = tmp_path / precision
+        plan = BuildPlan(tiny_checkpoint, folder, precision, "cpu")
+        build_decoder(text, folder, "text.onnx", plan, tmp_path / "cache")
+        built[precision] = folder / "text.onnx"
+    (tmp_path / "ours").mkdir()
+    quantize_decoder(built["fp32"], tmp_path / "ours" / "text.onnx", int8_prefill=False)
+    theirs, ours = (onnx.load(str(p)) for p in (built["int4"], tmp_path / "ours" / "text.onnx"))
+
+    def nodes(m):
+        return [(n.op_type, n.name, list(n.input), list(n.output)) for n in m.graph.node]
+
+    assert nodes(ours) == nodes(theirs) and sum(n[0] == "MatMulNBits" for n in nodes(ours)) == 11
+    for a, b in zip(theirs.graph.node, ours.graph.node, strict=True):
+        if a.op_type != "If":
+            assert {x.name: helper.get_attribute_value(x) for x in a.attribute} == {
+                x.name: helper.get_attribute_value(x) for x in b.attribute
+            }, a.name
+    want, got = _graph_tensors(theirs.graph, {}), _graph_tensors(ours.graph, {})
+    assert sorted(want) == sorted(got)
+    for name, value in want.items():
+        assert value.dtype == got[name].dtype and np.array_equal(value, got[name]), name
+
+    (tmp_path / "dual").mkdir()
+    quantize_decoder(built["fp32"], tmp_path / "dual" / "text.onnx", int8_prefill=True)
+    dual = onnx.load(str(tmp_path / "dual" / "text.onnx"))
+    twins = [n for n in dual.graph.node if n.op_type == "If" and n.name.endswith("/dual")]
+    assert len(twins) == 10 and not any("lm_head" in n.name for n in twins)
+    for node in twins:
+        branches = {a.name: a.g for a in node.attribute}
+        (int8,) = branches["then_branch"].node
+        (int4,) = branches["else_branch"].node
+        assert (int8.op_type, int4.op_type) == ("DynamicQuantizeMatMul", "MatMulNBits")
+        w4 = want[int4.input[1]]  # the builder's packed int4 weights and scales for this MatMul
+        scales = want[int4.input[2]].reshape(w4.shape[0], -1)
+        q = np.stack([w4 & 0x0F, w4 >> 4], -1).reshape(w4.shape[0], scales.shape[1], -1).astype(np.float32) - 8
+        k = {a.name: a.i for a in int4.attribute}["K"]
+        weights = (q * scales[:, :, None]).reshape(w4.shape[0], -1)[:, :k].T
+        tensors = _graph_tensors(branches["then_branch"], {})
+        w8, s8 = tensors[int8.input[1]], tensors[int8.input[2]]
+        assert np.abs(w8 * s8 - weights).max() <= 0.5 * s8.max() + 1e-7, node.name
+
+
 def test_same_checkpoint_builds_to_the_same_bytes(tmp_path, tiny_checkpoint):
     a = build(tiny_checkpoint, tmp_path / "a", log=lambda m: None)
     b = build(tiny_checkpoint, tmp_path / "b", log=lambda m: None)
