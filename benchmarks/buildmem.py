@@ -2,7 +2,7 @@
 
 Builds the cached random checkpoint of ``--size`` into OUT with ``export/build.py``'s ``build()`` while a thread
 samples this process's resident memory every 50 ms, and prints the peak of each stage (the build's own progress
-messages name the stages) with the size of the fp32 weights, so the figures scale to other sizes (BENCHMARKS.md).
+messages name the stages) with the size of the stored weights (fp32 for tiny and bench, bfloat16 for full).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def measure(size: str, precision: str, out: Path, interval: float = 0.05) -> dic
     time.sleep(2 * interval)
     done.set()
     sampler.join()
-    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / 2**20
+    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / 2**20  # as stored (full: bf16)
     peak = round(max(stages.values()))
     return {"size": size, "precision": precision, "stages": [[k, round(v)] for k, v in stages.items()],
             "peak_mb": peak, "weights_mb": round(weights), "seconds": round(seconds, 1)}  # fmt: skip
@@ -60,9 +60,7 @@ def measure(size: str, precision: str, out: Path, interval: float = 0.05) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m phi_onnx_bench.buildmem", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="where to build (replaced)")
-    # Not "full": by these very figures its build needs about 59 GB (BENCHMARKS.md), more than the machines this
-    # project runs on; measuring it would exhaust their memory.
-    parser.add_argument("--size", default="bench", choices=("tiny", "bench"))
+    parser.add_argument("--size", default="bench", choices=("tiny", "bench", "full"))
     parser.add_argument("--precision", default="int4", choices=("fp32", "int4"))
     args = parser.parse_args(argv)
     result = measure(args.size, args.precision, args.out)

@@ -83,3 +83,20 @@ def test_build_memory_per_stage(tmp_path):
     assert next(iter(stages)) == "imports" and any(s.startswith("building the fp32 decoder") for s in stages)
     assert result["peak_mb"] == max(stages.values()) >= stages["imports"] > 0
     assert result["weights_mb"] > 0 and (tmp_path / "built" / "genai_config.json").is_file()
+
+
+def test_kernel_table_times_every_variant_and_chunked_attention_is_exact(tmp_path, capsys):
+    from phi_onnx_bench.kernels import main
+
+    out = tmp_path / "kernels.json"
+    args = ["--tokens", "40", "--hidden", "128", "--intermediate", "256", "--heads", "2", "--repeat", "1"]
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["tokens"]["40"]
+    assert {r["variant"] for r in result["gemm"]} == {
+        "fp32 MatMul", "int8 DynamicQuantizeMatMul", "int4 MatMulNBits", "int8 MatMulNBits"
+    }  # fmt: skip
+    assert len(result["gemm"]) == 16 and all(r["ms"] > 0 for r in result["gemm"])
+    chunked = [r for r in result["attention"] if r["kernel"].startswith("GroupQueryAttention")]
+    assert [r["work"] for r in chunked] == [1.0, 0.75, 0.625, 0.562]
+    assert all(r["max_diff"] < 1e-5 for r in chunked), "a prompt split in chunks must attend exactly as one pass"
+    assert "| GroupQueryAttention, 4 chunks |" in capsys.readouterr().out
