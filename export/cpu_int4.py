@@ -182,14 +182,16 @@ class _DataWriter:
         self.offset += len(payload)
 
     def relocate(self, model) -> None:
-        """Copy every tensor still pointing into the source's data file into this one (initializers and attribute
-        tensors, subgraphs included)."""
+        """Copy every tensor still pointing into the source's data file into this one, and move large inline ones
+        there too (initializers and attribute tensors, subgraphs included), as onnx's own external-data save does."""
         from onnx.external_data_helper import _get_all_tensors
 
         tensors = list(_get_all_tensors(model))
         for proto in tensors:
             if proto.data_location == 1 and all(e.key != _NEW for e in proto.external_data):
                 self._external(proto, self.array(proto).tobytes())
+            elif proto.data_location != 1 and len(proto.raw_data) >= 1024:  # the builder's inline rotary caches
+                self._external(proto, proto.raw_data)
         for proto in tensors:
             kept = [(e.key, e.value) for e in proto.external_data if e.key != _NEW]
             del proto.external_data[:]
