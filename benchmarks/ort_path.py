@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx_bench.spec import PathSpec, Samples, Workload, peak_rss_mb
+from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb
 
 
 def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
             "tokens": tokens,
             "samples": samples,
         }
-    peak_rss = peak_rss_mb()  # before the extra vision session
+    peak_rss, peak_private = peak_rss_mb(), PRIVATE.peak_mb()  # before the extra vision session
     session = graph_session(model.folder, "vision", model.threads)
     for crops in work.num_crops:
         samples = runs[str(crops)]["samples"]
@@ -72,6 +72,8 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "threads": model.threads,
         "runs": runs,
         "peak_rss_mb": peak_rss,
+        "peak_private_mb": peak_private,
+        "model_files_mb": sum(f.stat().st_size for f in Path(model.folder).iterdir() if f.is_file()) / 2**20,
         "peak_gpu_mb": None,
         "session_options": _genai_session_options(model.folder),
         "vision_method": "onnxruntime InferenceSession on the vision graph, same session options and inputs",

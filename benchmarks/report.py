@@ -34,8 +34,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"threads {w['threads'] or 'all'}. Medians, slow tail in brackets (p90 of times, p10 of rates).",
         "",
         "| path | precision | num_crops | prompt tokens | load s | preprocess ms | vision ms | first token ms | "
-        "prefill tokens/s | decode tokens/s | end-to-end ms | peak RSS MB | other load |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "prefill tokens/s | decode tokens/s | end-to-end ms | peak RSS MB | private MB | other load |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     skipped = [p for p in result["paths"] if p.get("skipped")]
     for p in result["paths"]:
@@ -46,9 +46,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {p['label']} | {p['precision']} | {crops} | {run['prompt_tokens']:,} | {p['load_ms'] / 1e3:.1f} | "
                 f"{_cell(f['preprocess_ms'])} | {_cell(f['vision_ms'])} | {_cell(f['time_to_first_token_ms'])} | "
                 f"{_cell(f['prefill_tokens_per_s'], 0, 'p10')} | {_cell(f['decode_tokens_per_s'], 1, 'p10')} | "
-                f"{_cell(f['end_to_end_ms'])} | {_num(p['peak_rss_mb'])} | {'–' if bg is None else f'{bg:.0%}'} |"
+                f"{_cell(f['end_to_end_ms'])} | {_num(p['peak_rss_mb'])} | {_num(p.get('peak_private_mb'))} | "
+                f"{'–' if bg is None else f'{bg:.0%}'} |"
             )
     lines += [f"- {p['label']}: skipped, {p['skipped']}" for p in skipped]
+    sized = [p for p in result["paths"] if p.get("model_files_mb") and not p.get("skipped")]
+    if sized:
+        lines += ["", "Memory against the model's files (as stored: the folder, or the checkpoint's safetensors; "
+                  "private = anonymous memory, without the pages of mapped files):"]  # fmt: skip
+        for p in sized:
+            files, private = p["model_files_mb"], p.get("peak_private_mb")
+            mine = f", private {private / files:.2f}x" if private else ""
+            lines.append(f"- {p['label']}: files {_num(files)} MB; peak RSS {p['peak_rss_mb'] / files:.2f}x{mine}")
     kernels = next((p["kernels"] for p in result["paths"] if p.get("kernels")), None)
     if kernels:
         flags = " ".join(kernels["cpuinfo_flags"]) or "none of the relevant flags"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phi_onnx_bench.spec import PathSpec, Samples, Workload, peak_rss_mb
+from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb
 
 DEFAULT_EOS = (32000, 32007)
 PRECISIONS = ("fp32", "bf16")
@@ -122,6 +122,8 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "runs": runs,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_private_mb": PRIVATE.peak_mb(),
+        "model_files_mb": sum(f.stat().st_size for f in Path(spec.source).glob("*.safetensors")) / 2**20,
         "peak_gpu_mb": None,
         "attention": "sdpa",
         "compiled": spec.compile,

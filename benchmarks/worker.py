@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from phi_onnx_bench.spec import PathSpec, Samples, Workload, write_json
+from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, write_json
 
 
 def measure(spec: PathSpec, work: Workload) -> dict[str, Any]:
@@ -23,6 +23,7 @@ def measure(spec: PathSpec, work: Workload) -> dict[str, Any]:
         from phi_onnx_bench import torch_path as path
     else:
         raise ValueError(f"unknown path kind {spec.kind!r}")
+    PRIVATE.start()
     result = path.run(spec, work)
     for run in result["runs"].values():
         samples = run["samples"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -41,6 +42,8 @@ def test_both_paths_report_every_figure(both_paths):
         assert bf16["dtype"] == "bfloat16" and bf16["autocast"]
     for path in (p for p in data["paths"] if not p.get("skipped")):
         assert path["load_ms"] > 0 and path["peak_rss_mb"] > 0
+        # private memory (anonymous pages) is part of RSS; the files are the folder or the checkpoint's safetensors
+        assert 0 < path["peak_private_mb"] <= path["peak_rss_mb"] and path["model_files_mb"] > 1
         assert "peak_gpu_mb" in path and path["vision_method"]
         run = path["runs"]["4"]
         assert run["prompt_tokens"] > run["image_tokens"] == 757  # 600x400 at 4 crops
@@ -83,6 +86,8 @@ def test_markdown_table_and_chart(both_paths):
     assert "| ort-fp32 | fp32 | 4 |" in table and "| pytorch | fp32 | 4 |" in table
     assert "| ort-fp32 / pytorch | 4 |" in table and "| onnxruntime-genai / fastest PyTorch |" in table
     assert "CPU kernels (PyTorch's view): level" in table
+    assert "| peak RSS MB | private MB |" in table and "Memory against the model's files" in table
+    assert re.search(r"- ort-fp32: files [\d,]+ MB; peak RSS [\d.]+x, private [\d.]+x", table)
     assert "[bench]" not in table  # progress goes to stderr
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
