@@ -128,8 +128,9 @@ def build(
         device: "cpu" or "cuda": the execution provider the graphs are tuned for.
         force: Replace a non-empty output folder.
         int8_prefill: CPU int4 only (default on there): give the decoder an int8 copy of its int4 weights that the
-            prompt pass runs on the CPU's integer GEMM kernels (about 2x faster time to first token), and quantize
-            the vision graph to int8. Costs memory: the int8 copy is twice the int4 decoder body.
+            prompt pass runs on the CPU's integer GEMM kernels (about 2.5x faster time to first token at the real
+            size). Costs memory: the int8 copy is twice the int4 decoder body. CPU int4 builds quantize the vision
+            graph to int8 either way.
         log: Progress callback (default: lines on stderr).
 
     Returns:
@@ -244,9 +245,10 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
             log(f"quantizing the decoder to int4{twins}")
             quantize_decoder(fp32 / names["text"], out / names["text"], int8_prefill=plan.int8_prefill)
             shutil.rmtree(fp32)
-            if plan.int8_prefill:
-                log("quantizing the vision graph to int8")
-                quantize_vision_int8(out / names["vision"], work)
+            # With or without the int8 prompt copy: int8 vision weights are a quarter of fp32's and about 3x faster
+            # (full size, 16 crops: 9.5 s against 28 s), so even the lean folder gets them.
+            log("quantizing the vision graph to int8")
+            quantize_vision_int8(out / names["vision"], work)
     write_genai_config(out, names, cfg.text.hidden_size)
     (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
     log(f"built in {time.perf_counter() - t0:.1f} s")

@@ -285,6 +285,7 @@ def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
     text = (out / "phi-3-v-instruct-text.onnx").read_bytes()
     assert b"MatMulNBits" in text
     assert b"DynamicQuantizeMatMul" in text, "CPU int4 builds get the int8 prompt path by default"
+    assert b"MatMulInteger" in (out / "phi-3-v-instruct-vision.onnx").read_bytes(), "and int8 vision weights"
     report = verify(out, tiny_checkpoint, new_tokens=8, cases={"1 image": ((600, 400),)}, count_shapes=((600, 400),))
     assert report.precision == "int4"
     info = [c for c in report.checks if not c.asserted]
@@ -350,10 +351,12 @@ def test_fp16_cuda_build_has_a_consistent_dtype_chain_and_runs(tmp_path, tiny_ch
     assert agree >= 6, f"fp16 agrees with fp32 on {agree}/8 greedy tokens"
 
 
-def test_int4_without_int8_prefill_is_the_plain_builder_output(tmp_path, tiny_checkpoint, tiny_model):
+def test_int4_without_int8_prefill_has_no_int8_decoder_copy_but_int8_vision(tmp_path, tiny_checkpoint, tiny_model):
     out = build(tiny_checkpoint, tmp_path / "lean", precision="int4", device="cpu", int8_prefill=False, log=print)
-    assert b"DynamicQuantizeMatMul" not in (out / "phi-3-v-instruct-text.onnx").read_bytes()
-    assert b"DynamicQuantizeMatMul" not in (out / "phi-3-v-instruct-vision.onnx").read_bytes()
+    text = (out / "phi-3-v-instruct-text.onnx").read_bytes()
+    assert b"DynamicQuantizeMatMul" not in text and b"MatMulNBits" in text
+    # the lean folder's vision graph is int8 too: smaller and faster than fp32
+    assert b"MatMulInteger" in (out / "phi-3-v-instruct-vision.onnx").read_bytes()
     import phi_onnx
 
     assert phi_onnx.load(out, device="cpu").generate("Hi", max_new_tokens=3).generated_tokens == 3
