@@ -128,7 +128,7 @@ def build(
         device: "cpu" or "cuda": the execution provider the graphs are tuned for.
         force: Replace a non-empty output folder.
         int8_prefill: CPU int4 only (default on there): give the decoder an int8 copy of its int4 weights that the
-            prompt pass runs on the CPU's integer GEMM kernels (about 2.5x faster time to first token at the real
+            prompt pass runs on the CPU's integer GEMM kernels (about 2x faster time to first token at the real
             size). Costs memory: the int8 copy is twice the int4 decoder body. CPU int4 builds quantize the vision
             graph to int8 either way.
         log: Progress callback (default: lines on stderr).
