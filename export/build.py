@@ -226,7 +226,8 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
                 shutil.copy2(f, out / f.name)
         cpu_int4 = plan.precision == "int4" and plan.device == "cpu"
         # CPU int4: the builder writes fp32 and quantize_decoder makes the int4 (and int8 prompt) weights one at a
-        # time; the builder's own int4 pass holds the whole model in fp32 several times over (48 GB at full size).
+        # time; the builder's own int4 pass holds the whole model in fp32 several times over (an estimated 48 GB at
+        # full size).
         build_decoder(text_dir, out, names["text"], plan, work / "cache", precision="fp32" if cpu_int4 else None)
         shutil.rmtree(text_dir)
         # The builder re-saves the tokenizer files and loses chat_template, add_bos_token and added_tokens_decoder:

@@ -23,7 +23,7 @@ def quantize_decoder(
     layout of onnxruntime's MatMulNBitsQuantizer, which the model builder's own int4 path runs; the node and tensor
     names are the builder's too). Weights are read through memory maps and written to ``dst``'s data file as they are
     made, so the peak memory is one weight, not the model: the builder's in-memory int4 pass needs about 3x the fp32
-    weights, 48 GB for the full-size decoder.
+    weights, an estimated 48 GB for the full-size decoder.
 
     With ``int8_prefill`` every decoder-body MatMulNBits gets an int8 twin for prompt processing. On the CPU,
     MatMulNBits (int4 weights, int8 compute) runs large prompts at about fp32 GEMM speed, while DynamicQuantizeMatMul
