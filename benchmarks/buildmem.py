@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phi_onnx_bench.spec import status_mb
+
 
 def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return status_mb("VmRSS") or 0.0
 
 
 def measure(size: str, precision: str, out: Path, interval: float = 0.05) -> dict[str, Any]:
