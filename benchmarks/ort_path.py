@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb
+from phi_onnx_bench.spec import PRIVATE, UNCACHED, PathSpec, Samples, Workload, peak_rss_mb
 
 
 def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
@@ -25,9 +25,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
 
     images = [Path(p).read_bytes() for p in work.images]
     t0 = time.perf_counter()
-    # Every run pays for its image and its whole prompt, as PyTorch's do: no feature cache, no kept generators
-    # (benchmarks/reuse.py measures what those save).
-    model = phi_onnx.load(spec.source, device="cpu", threads=work.threads, image_cache_mb=0, kv_pool=0)
+    model = phi_onnx.load(spec.source, device="cpu", threads=work.threads, **UNCACHED)
     load_ms = (time.perf_counter() - t0) * 1e3
     runs: dict[str, Any] = {}
     prepared = {}

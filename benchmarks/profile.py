@@ -91,12 +91,12 @@ def profile(folder: Path, num_crops: int, images: list[Path], prompt: str, runs:
     """
     import phi_onnx
     from phi_onnx_bench.ort_path import graph_session
+    from phi_onnx_bench.spec import UNCACHED
 
     data = [p.read_bytes() for p in images]
     with tempfile.TemporaryDirectory(prefix="phi-onnx-profile-") as tmp:
         work = Path(tmp)
-        # No feature cache and no kept generators: every run pays for its image and prompt, as in the benchmark.
-        model = phi_onnx.load(profiled_copy(folder, work), device="cpu", threads=threads, image_cache_mb=0, kv_pool=0)
+        model = phi_onnx.load(profiled_copy(folder, work), device="cpu", threads=threads, **UNCACHED)
         opts = {"max_new_tokens": 1, "num_crops": num_crops}
         ttft = []
         for _ in range(runs):
