@@ -253,6 +253,7 @@ def write_random_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 
     """
     from safetensors.torch import save_file
 
+    from phi_onnx_export.build import _apply_umask
     from phi_onnx_export.checkpoint import SHARD_LIMIT, official_key
 
     if size not in SIZES:
@@ -292,11 +293,8 @@ def write_random_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 
             os.replace(folder / tmp, folder / final)
             index["weight_map"].update(dict.fromkeys(keys, final))
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    mask = os.umask(0)
-    os.umask(mask)
-    for shard in folder.glob("*.safetensors"):
-        shard.chmod(0o666 & ~mask)  # safetensors writes 0600
     write_tokenizer(folder)
     gen_cfg = {"bos_token_id": 1, "eos_token_id": [32000, 32007], "pad_token_id": 32000, "do_sample": False}
     (folder / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
+    _apply_umask(folder)  # safetensors writes its shards 0600
     return folder

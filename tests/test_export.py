@@ -320,8 +320,10 @@ def test_built_folders_respect_the_umask(tmp_path, tiny_checkpoint):
     old = os.umask(0o022)
     try:
         out = build(tiny_checkpoint, tmp_path / "perm", log=lambda m: None)
+        checkpoint = write_random_checkpoint(tmp_path / "ckpt")
     finally:
         os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in checkpoint.iterdir()} == {0o644}, "safetensors alone writes 0600"
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
     assert modes == {0o644}, modes
