@@ -52,7 +52,7 @@ def _time(session, feed: dict[str, np.ndarray], repeat: int) -> float:
     return statistics.median(times)
 
 
-def gemms(tokens: int, hidden: int, intermediate: int, heads: int, threads: int | None, repeat: int):
+def gemms(tokens: int, hidden: int, intermediate: int, threads: int | None, repeat: int):
     """ms per decoder projection and weight format at ``tokens`` rows."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     before, t0 = cpu_snapshot(resource.RUSAGE_SELF), time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(), "tokens": {}}
     for tokens in args.tokens:
-        gemm = gemms(tokens, args.hidden, args.intermediate, args.heads, args.threads, args.repeat)
+        gemm = gemms(tokens, args.hidden, args.intermediate, args.threads, args.repeat)
         result["tokens"][str(tokens)] = {
             "gemm": gemm,
             "variants": list(dict.fromkeys(r["variant"] for r in gemm)),
