@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -206,3 +207,21 @@ def test_bf16_runs_only_with_native_bf16_arithmetic():
     assert bf16_skip_reason({"avx512_bf16": False, "amx_tile": True}) is None
     reason = bf16_skip_reason({"avx512_bf16": False, "amx_tile": False, "cpu_capability": "AVX2"})
     assert reason and "no native bf16" in reason and "AVX2" in reason
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="private memory is read from /proc (Linux)")
+def test_private_memory_sampler_catches_a_peak_that_is_gone_when_read():
+    import time
+
+    import numpy as np
+
+    from phi_onnx_bench.spec import PrivateMemory, status_mb
+
+    sampler = PrivateMemory(interval=0.01).start()
+    before = status_mb("RssAnon")
+    block = np.ones(200 * 2**20 // 8)  # 200 MiB of private pages, touched
+    time.sleep(0.2)
+    del block
+    time.sleep(0.1)
+    assert status_mb("RssAnon") < before + 100, "the block was returned to the system"
+    assert sampler.peak_mb() >= before + 150, "the sampler saw it while it was there"
