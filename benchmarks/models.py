@@ -36,10 +36,18 @@ def _export_dir() -> Path:
     return Path(phi_onnx_export.__file__).resolve().parent
 
 
+def _export_sources() -> list[Path]:
+    """Every file of the export step that decides a built folder's bytes: its Python and its C++ kernel."""
+    src = _export_dir()
+    return [p for p in src.rglob("*") if p.suffix in (".py", ".cc") and "__pycache__" not in p.parts]
+
+
 def _digest(files: Iterable[Path], parts: Iterable[str]) -> str:
     digest = hashlib.sha256()
+    root = _export_dir()
     for path in sorted(files):
-        digest.update(path.name.encode() + path.read_bytes())
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(name.encode() + path.read_bytes())
     for part in parts:
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -75,7 +83,7 @@ def cached_model(checkpoint: Path, precision: str, device: str = "cpu") -> Path:
     """The folder built from ``checkpoint`` at ``precision``, rebuilt only when the export code or versions change."""
     from phi_onnx_export.build import build
 
-    key = _digest(_export_dir().glob("*.py"), [precision, device, *_versions()])
+    key = _digest(_export_sources(), [precision, device, *_versions()])
     folder = checkpoint.parent / f"{precision}-{device}-{key}"
     if not (folder / "genai_config.json").is_file():
         _log(f"building the {precision} {device} folder {folder} (once; cached)")

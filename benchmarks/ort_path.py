@@ -106,6 +106,9 @@ def graph_session(folder: Path, graph: str, threads: int | None, profile_prefix:
         "ORT_ENABLE_ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     merged = {**cfg.get("session_options", {}), **_og.cpu_session_options(threads or _og.default_threads())}
+    library = _og.custom_ops_library(folder, merged)
+    if library is not None:  # phi-onnx's own attention kernels, as onnxruntime-genai registers them
+        so.register_custom_ops_library(str(library))
     for key, value in merged.items():
         if key == "intra_op_num_threads":
             so.intra_op_num_threads = int(value)
@@ -115,7 +118,7 @@ def graph_session(folder: Path, graph: str, threads: int | None, profile_prefix:
             so.graph_optimization_level = level[value]
         elif key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
             setattr(so, key, bool(value))
-        elif key not in ("log_id", "provider_options", "log_severity_level", "enable_profiling"):
+        elif key not in ("log_id", "provider_options", "log_severity_level", "enable_profiling", "custom_ops_library"):
             so.add_session_config_entry(key, str(value))
     return ort.InferenceSession(str(folder / cfg["filename"]), so, providers=["CPUExecutionProvider"])
 

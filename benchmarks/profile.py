@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 GRAPHS = ("vision", "embedding", "decoder")
-ATTENTION_OPS = {"GroupQueryAttention", "Attention", "MultiHeadAttention", "Softmax", "SparseAttention"}
+# The last two: phi-onnx's own kernels (phi_onnx_export.ops) for the decoder's prompt pass and the vision tower
+ATTENTION_OPS = {"GroupQueryAttention", "Attention", "MultiHeadAttention", "Softmax", "SparseAttention",
+                 "CausalAttention", "BidirectionalAttention"}  # fmt: skip
 GEMM_OPS = {"MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
             "FusedMatMul", "QGemm", "QLinearMatMul", "DynamicQuantizeLinear", "Conv"}  # fmt: skip
 CONTROL_OPS = {"If", "Loop", "Scan"}  # their time is their subgraph's nodes, counted on their own

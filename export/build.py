@@ -64,6 +64,7 @@ class BuildPlan:
     precision: str
     device: str
     int8_prefill: bool = False
+    portable: bool = False
 
     @property
     def io_dtype(self) -> str:
@@ -88,6 +89,7 @@ def check_plan(
     device: str,
     force: bool,
     int8_prefill: bool | None = None,
+    portable: bool = False,
 ) -> BuildPlan:
     """Validate every argument before any work, so bad input writes nothing."""
     from phi_onnx_export.checkpoint import check_checkpoint_dir
@@ -106,7 +108,8 @@ def check_plan(
     cpu_int4 = precision == "int4" and device == "cpu"
     if int8_prefill and not cpu_int4:
         raise ExportError("--int8-prefill applies to --precision int4 --device cpu builds only: drop it")
-    return BuildPlan(checkpoint, output, precision, device, cpu_int4 if int8_prefill is None else int8_prefill)
+    prefill = cpu_int4 if int8_prefill is None else int8_prefill
+    return BuildPlan(checkpoint, output, precision, device, prefill, portable)
 
 
 def build(
@@ -117,6 +120,7 @@ def build(
     *,
     force: bool = False,
     int8_prefill: bool | None = None,
+    portable: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a Phi-3-V checkpoint to an onnxruntime-genai phi3v folder.
@@ -137,7 +141,7 @@ def build(
         The output folder.
     """
     log = log or _stderr
-    plan = check_plan(checkpoint, output, precision, device, force, int8_prefill)
+    plan = check_plan(checkpoint, output, precision, device, force, int8_prefill, portable)
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.output.name}.build-", dir=plan.output.parent))
     try:
@@ -251,8 +255,51 @@ def _build_into(plan: BuildPlan, out: Path, log: Callable[[str], None]) -> None:
             log("quantizing the vision graph to int8")
             quantize_vision_int8(out / names["vision"], work)
     write_genai_config(out, names, cfg.text.hidden_size)
+    if plan.device == "cpu" and not plan.portable:
+        use_own_attention(out, names, cfg.vision, bf16=plan.precision == "int4", log=log)
     (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
     log(f"built in {time.perf_counter() - t0:.1f} s")
+
+
+def use_own_attention(out: Path, names: dict[str, str], vision, *, bf16: bool, log: Callable[[str], None]) -> bool:
+    """CPU builds: compile phi-onnx's attention kernels into the folder (phi_onnx_export.ops) and route the decoder's
+    prompt pass and the vision tower's attention to them. Where they cannot be built (no C++ compiler, another
+    platform) the folder keeps onnxruntime's kernels and works the same, slower on long prompts. Returns whether it
+    did.
+
+    ``bf16``: the kernels' products in bfloat16 on CPUs with AVX512-BF16 (int4 builds: their int8 prompt weights are
+    coarser than that already); fp32 builds keep fp32 products, within 1e-6 of onnxruntime's kernels.
+    """
+    import onnx
+
+    from phi_onnx_export import ops
+
+    reason = ops.compile_library(out)
+    if reason:
+        log(f"attention stays onnxruntime's: {reason}")
+        return False
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    text = onnx.load(str(out / names["text"]), load_external_data=False)
+    routed = ops.use_causal_attention(text, head_size=int(config["model"]["decoder"]["head_size"]), bf16=bf16)
+    image = onnx.load(str(out / names["vision"]), load_external_data=False)
+    heads = vision.num_attention_heads
+    fused = ops.use_bidirectional_attention(image, heads=heads, head_size=vision.hidden_size // heads, bf16=bf16)
+    if not routed and not fused:
+        (out / ops.LIBRARY).unlink()
+        log("attention stays onnxruntime's: no attention node the kernels cover")
+        return False
+    for graph, model, changed in (("decoder", text, routed), ("vision", image, fused)):
+        if changed:
+            onnx.save(model, str(out / names["text" if graph == "decoder" else "vision"]))
+            config["model"][graph].setdefault("session_options", {})["custom_ops_library"] = ops.LIBRARY
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    kind = "bfloat16" if bf16 and ops.has_bf16() else "fp32"
+    log(
+        f"attention: phi-onnx's kernels ({kind} products, {ops.LIBRARY}) for the prompt pass of {routed} decoder "
+        f"layers and {fused} vision layers"
+    )
+    return True
 
 
 def _export(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, io_dtype: str) -> None:

@@ -113,6 +113,24 @@ def cpu_session_options(threads: int) -> dict[str, Any]:
     return {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
 
 
+def custom_ops_library(folder: Path, config: Mapping[str, Any]) -> Path | None:
+    """The operator library a graph's genai_config session options name (``custom_ops_library``, relative to the
+    model folder, as onnxruntime-genai resolves it), for the onnxruntime sessions phi-onnx opens itself. A name that
+    leaves the folder or does not exist is a one-line ModelError, as og refuses it too."""
+    name = config.get("custom_ops_library")
+    if not name:
+        return None
+    relative = Path(str(name))
+    if relative.is_absolute() or ".." in relative.parts:  # og refuses these too (the file may be a link: HF caches)
+        raise ModelError(f"genai_config.json names a custom_ops_library outside {folder} ({name}): re-export the model")
+    path = folder / relative
+    if not path.is_file():
+        raise ModelError(
+            f"{folder} lacks {name}, the operator library its genai_config.json names: re-export the model"
+        )
+    return path
+
+
 def session_overlay(provider: str, threads: int | None) -> dict[str, Any]:
     """The genai_config overlay phi-onnx applies: on the CPU, the thread settings on all three phi3v sessions.
 
@@ -138,6 +156,7 @@ def open_model(folder: Path, provider: str, threads: int | None, vision_file: st
         if provider != "cpu":
             config.append_provider(provider)
         overlay = session_overlay(provider, threads)
+        _keep_custom_ops(folder, overlay)
         if vision_file is not None:
             overlay.setdefault("model", {}).setdefault("vision", {})["filename"] = vision_file
         if overlay:
@@ -145,6 +164,19 @@ def open_model(folder: Path, provider: str, threads: int | None, vision_file: st
         return mod.Model(config)
     except RuntimeError as err:
         raise ModelError(f"onnxruntime-genai could not load {folder}: {first_line(err)}") from err
+
+
+def _keep_custom_ops(folder: Path, overlay: dict[str, Any]) -> None:
+    """og's overlay replaces a graph's session_options as a whole: carry the folder's operator library over (phi-onnx's
+    attention kernels in CPU builds), or the graph would no longer find its operators."""
+    try:
+        graphs = json.loads((folder / "genai_config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # og reports an unreadable config itself
+    for graph, settings in overlay.get("model", {}).items():
+        options = graphs.get(graph, {}).get("session_options", {}) if isinstance(graphs.get(graph), dict) else {}
+        if isinstance(options, dict) and options.get("custom_ops_library") and "session_options" in settings:
+            settings["session_options"]["custom_ops_library"] = options["custom_ops_library"]
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

@@ -19,6 +19,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,7 +135,7 @@ class VisionEncoder:
         self.feature_dtype = out.dtype if out is not None else "float32"
         self.hidden = info.hidden_size
         self.model_id = f"{info.vision.path.resolve()}:{info.vision.path.stat().st_mtime_ns}"
-        options, providers = _session_setup(ort, vision.get("session_options", {}), provider, threads)
+        options, providers = _session_setup(ort, vision.get("session_options", {}), provider, threads, info.folder)
         try:
             self._session = ort.InferenceSession(str(info.vision.path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
@@ -228,9 +229,12 @@ def provider_available(provider: str) -> bool:
     return _ORT_PROVIDERS[provider] in ort.get_available_providers()
 
 
-def _session_setup(ort, config: dict[str, Any], provider: str, threads: int | None):
+def _session_setup(ort, config: dict[str, Any], provider: str, threads: int | None, folder: Path):
     """onnxruntime SessionOptions and providers mirroring what og builds from genai_config and phi-onnx's overlay."""
     options = ort.SessionOptions()
+    library = _og.custom_ops_library(folder, config)
+    if library is not None:  # phi-onnx's own attention kernels (CPU builds: phi_onnx_export.ops)
+        options.register_custom_ops_library(str(library))
     settings = dict(config)
     if provider == "cpu":
         settings.update(_og.cpu_session_options(threads or _og.default_threads()))

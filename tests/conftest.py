@@ -16,8 +16,9 @@ CACHE = Path(os.environ.get("PHI_ONNX_TEST_CACHE", ROOT / ".cache" / "test-model
 def _source_hash(*parts: str) -> str:
     """Hash of everything that decides the built bytes: the export code and the build arguments."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "export").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    export = ROOT / "export"
+    for path in sorted(p for p in export.rglob("*") if p.suffix in (".py", ".cc") and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(export).as_posix().encode() + path.read_bytes())
     import onnxruntime_genai
     import torch
     import transformers
@@ -27,24 +28,32 @@ def _source_hash(*parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_cached(size: str = "tiny", precision: str = "fp32", seed: int = 0) -> tuple[Path, Path]:
+def build_cached(
+    size: str = "tiny", precision: str = "fp32", seed: int = 0, portable: bool = False
+) -> tuple[Path, Path]:
     """(checkpoint folder, model folder) for a random-weight model, rebuilt only when the export code changes."""
     from phi_onnx_export.build import build
     from phi_onnx_export.tiny import write_random_checkpoint
 
-    key = _source_hash(size, precision, str(seed))
-    base = CACHE / f"{size}-{precision}-s{seed}-{key}"
+    key = _source_hash(size, precision, str(seed), str(portable))
+    base = CACHE / f"{size}-{precision}{'-portable' if portable else ''}-s{seed}-{key}"
     ckpt, model = base / "checkpoint", base / "model"
     if not (model / "genai_config.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
         write_random_checkpoint(ckpt, size=size, seed=seed)
-        build(ckpt, model, precision=precision, device="cpu", log=lambda _msg: None)
+        build(ckpt, model, precision=precision, device="cpu", portable=portable, log=lambda _msg: None)
     return ckpt, model
 
 
 @pytest.fixture(scope="session")
 def tiny_build() -> tuple[Path, Path]:
     return build_cached("tiny", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_model_dir() -> Path:
+    """The tiny model built with --portable: onnxruntime's kernels only, like Microsoft's published folders."""
+    return build_cached("tiny", "fp32", portable=True)[1]
 
 
 @pytest.fixture(scope="session")

@@ -303,11 +303,14 @@ def test_is_repo_id(text: str, expected: bool) -> None:
     assert is_repo_id(text) is expected
 
 
-def test_cli_fetch_then_run_the_default_model_served_by_the_hub(tmp_path, tiny_model_dir, example_image) -> None:
-    """The main job as a user meets it, against a local Hub serving the real tiny model in the official layout:
-    `phi-onnx fetch` prints the folder; `phi-onnx run` without MODEL finds the default repo and answers; with the Hub
-    gone the cached copy still answers; with nothing cached and no Hub, one line says what to do."""
-    repo = make_hub_repo(tmp_path / "repo", tiny_model_dir)
+def test_cli_fetch_then_run_the_default_model_served_by_the_hub(
+    tmp_path, tiny_portable_model_dir, example_image
+) -> None:
+    """The main job as a user meets it, against a local Hub serving the real tiny model in the official layout
+    (onnxruntime's kernels only, as Microsoft's folders): `phi-onnx fetch` prints the folder; `phi-onnx run` without
+    MODEL finds the default repo and answers; with the Hub gone the cached copy still answers; with nothing cached and
+    no Hub, one line says what to do."""
+    repo = make_hub_repo(tmp_path / "repo", tiny_portable_model_dir)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     with HubServer({DEFAULT_REPO: repo}) as server:
         env = clean | {"HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -344,3 +347,4 @@ def test_cli_fetch_then_run_the_default_model_served_by_the_hub(tmp_path, tiny_m
     assert empty.returncode == 2
     assert len(empty.stderr.strip().splitlines()) == 1, empty.stderr
     assert "phi-onnx export tiny" in empty.stderr
+

@@ -48,7 +48,15 @@ def export(verbose: bool) -> None:
     default=None,
     help="CPU int4: an int8 weight copy for the prompt pass (faster first token, more memory). Default on.",
 )
-def build(checkpoint: Path, output: Path, precision: str, device: str, force: bool, int8_prefill: bool | None) -> None:
+@click.option(
+    "--portable",
+    is_flag=True,
+    help="CPU: onnxruntime's own attention kernels only, no native library in the folder (to share it; slower "
+    "first token on long prompts).",
+)
+def build(
+    checkpoint: Path, output: Path, precision: str, device: str, force: bool, int8_prefill: bool | None, portable: bool
+) -> None:
     """Export vision, embedding and decoder graphs plus configs from a checkpoint.
 
     \b
@@ -56,14 +64,16 @@ def build(checkpoint: Path, output: Path, precision: str, device: str, force: bo
       phi-onnx export build --checkpoint ./Phi-3.5-vision-instruct --output ./onnx-cpu --precision int4
       phi-onnx export build --checkpoint ./my-finetune --output ./onnx-cuda --precision fp16 --device cuda
       phi-onnx export build --checkpoint ./ckpt --output ./small --precision int4 --no-int8-prefill   # least memory
+      phi-onnx export build --checkpoint ./ckpt --output ./share --precision int4 --portable   # to upload to the Hub
     """
     from phi_onnx_export.build import check_plan
 
-    check_plan(checkpoint, output, precision, device, force, int8_prefill)  # validate before the heavy imports
+    check_plan(checkpoint, output, precision, device, force, int8_prefill, portable)  # validate before heavy imports
     _export_modules("phi-onnx export build")
     from phi_onnx_export.build import build as do_build
 
-    click.echo(str(do_build(checkpoint, output, precision, device, force=force, int8_prefill=int8_prefill)))
+    folder = do_build(checkpoint, output, precision, device, force=force, int8_prefill=int8_prefill, portable=portable)
+    click.echo(str(folder))
 
 
 @export.command()
