@@ -348,3 +348,21 @@ def test_cli_fetch_then_run_the_default_model_served_by_the_hub(
     assert len(empty.stderr.strip().splitlines()) == 1, empty.stderr
     assert "phi-onnx export tiny" in empty.stderr
 
+
+def test_a_hub_folder_that_loads_native_code_is_refused_before_its_weights(tmp_path, tiny_model_dir) -> None:
+    """A folder whose genai_config.json names a custom_ops_library (phi-onnx's own CPU builds do) would make
+    onnxruntime-genai load that library: fetched from the Hub, it is refused in one line, before the big files."""
+    from phi_onnx_export.ops import LIBRARY
+
+    assert (tiny_model_dir / LIBRARY).is_file()
+    repo = make_hub_repo(tmp_path / "repo", tiny_model_dir)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with HubServer({DEFAULT_REPO: repo}) as server:
+        env = clean | {"HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        done = subprocess.run([sys.executable, "-m", "phi_onnx", "fetch", "--device", "cpu"], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        downloaded = server.downloads()
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"loads a native library ({LIBRARY}" in done.stderr and "--portable" in done.stderr
+    assert not any(path.endswith((".onnx", ".data", ".so")) for path in downloaded), downloaded

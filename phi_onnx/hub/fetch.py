@@ -109,6 +109,7 @@ def fetch(
         (path / MARKER).unlink(missing_ok=True)
     verify_folder(path, expected, repo=repo, commit=commit, progress=progress)
     inspect_model(path)
+    refuse_native_code(json.loads((path / "genai_config.json").read_text(encoding="utf-8")), f"{repo}/{folder}")
     return path
 
 
@@ -281,6 +282,22 @@ def _check_remote_config(repo: str, folder: str, commit: str, local_dir: str | P
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{repo}/{filename} is not valid JSON ({err}): this folder is not a usable model") from err
     check_genai_config(config, f"{repo}/{filename}")
+    refuse_native_code(config, f"{repo}/{filename}")
+
+
+def refuse_native_code(config: Any, where: str) -> None:
+    """Refuse a downloaded folder whose genai_config.json loads a native operator library (``custom_ops_library``):
+    onnxruntime-genai would run that code. Microsoft's folders have none; phi-onnx's own CPU builds carry one, built on
+    the machine that exported them, and are meant to be used from there."""
+    graphs = config.get("model", {}) if isinstance(config, dict) else {}
+    for graph, settings in graphs.items() if isinstance(graphs, dict) else ():
+        options = settings.get("session_options", {}) if isinstance(settings, dict) else {}
+        if isinstance(options, dict) and options.get("custom_ops_library"):
+            raise ModelError(
+                f"{where} loads a native library ({options['custom_ops_library']}, for its {graph} graph) and phi-onnx "
+                "does not run native code downloaded from the Hub: export the model on this machine with "
+                "`phi-onnx export build`, or ask its publisher for a build made with --portable"
+            )
 
 
 def _progress(show: bool) -> type | None:
@@ -374,4 +391,5 @@ def _from_cache(
         }
         verify_folder(path, expected, repo=repo, commit=str(marker.get("commit")), progress=False)
     inspect_model(path)
+    refuse_native_code(json.loads((path / "genai_config.json").read_text(encoding="utf-8")), f"{repo} ({folder})")
     return path
