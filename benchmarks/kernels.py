@@ -12,7 +12,8 @@ op needs (for attention: the causal half of QK^T and PV, whatever the kernel com
 - Attention: GroupQueryAttention as the builder emits it (packed QKV, rotary inside, empty past); the same prompt
   split into chunks that each attend to the cache so far (less work: (n+1)/2n of the full S x S); MultiHeadAttention
   without a mask (MLAS's flash-style path, not causal: a lower bound on what a fused kernel does with S x S); the
-  ONNX Attention op (opset 23) with and without is_causal.
+  ONNX Attention op (opset 23) with and without is_causal; phi-onnx's own CausalAttention (phi_onnx_export.ops, what
+  CPU builds run), with fp32 and with bf16 products.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from typing import Any
 import numpy as np
 
 
-def _session(nodes, inputs, outputs, initializers, threads: int | None, opset: int = 17):
+def _session(nodes, inputs, outputs, initializers, threads: int | None, opset: int = 17, library: Path | None = None):
     import onnxruntime as ort
     from onnx import helper
 
     graph = helper.make_graph(nodes, "kernel", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                    helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+    domains = [("", opset), ("com.microsoft", 1), ("phi_onnx", 1)]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(name, v) for name, v in domains])
     model.ir_version = 10 if opset >= 21 else 9
     options = ort.SessionOptions()
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -152,6 +155,7 @@ def attention(tokens: int, hidden: int, heads: int, threads: int | None, repeat:
                      "gflop_s": round(causal_gflop / ms * 1e3, 1), "work": round(work, 3),
                      "max_diff": same})  # fmt: skip
 
+    rows += _own_kernels(tokens, heads, d, feed, inputs, outputs, rope, reference, causal_gflop, threads, repeat)
     q = rng.standard_normal((1, tokens, hidden), np.float32)
     flat = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, tokens, hidden]) for n in ("q", "k", "v")]
     node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=heads)
@@ -166,6 +170,35 @@ def attention(tokens: int, hidden: int, heads: int, threads: int | None, repeat:
         ms = _time(session, {"q": heads_first, "k": heads_first, "v": heads_first}, repeat)
         rows.append({"kernel": f"Attention (opset 23), is_causal={causal}", "ms": round(ms, 2),
                      "gflop_s": round(causal_gflop / ms * 1e3, 1), "work": None})  # fmt: skip
+    return rows
+
+
+def _own_kernels(tokens, heads, d, feed, inputs, outputs, rope, reference, causal_gflop, threads, repeat):
+    """phi-onnx's CausalAttention (phi_onnx_export.ops) on the same prompt, fp32 and bf16 products; none where the
+    library cannot be compiled here."""
+    import tempfile
+
+    from onnx import helper, numpy_helper
+
+    from phi_onnx_export import ops
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        if ops.compile_library(Path(work)) is not None:
+            return rows
+        lengths = [numpy_helper.from_array(np.array([tokens - 1], np.int32), "seqlens"),
+                   numpy_helper.from_array(np.array([tokens], np.int32), "total")]  # fmt: skip
+        for bf16 in (0, 1):
+            node = helper.make_node("CausalAttention", ["qkv", "", "", "pk", "pv", "seqlens", "total", "cos", "sin"],
+                                    ["o", "k", "v"], domain=ops.DOMAIN, num_heads=heads, kv_num_heads=heads,
+                                    scale=1 / np.sqrt(d), do_rotary=1, local_window_size=-1, bf16=bf16)  # fmt: skip
+            session = _session([node], inputs, outputs, [*rope, *lengths], threads, library=Path(work) / ops.LIBRARY)
+            got = session.run(None, feed)
+            same = max(float(np.abs(a - b).max()) for a, b in zip(got, reference, strict=True))
+            ms = _time(session, feed, repeat)
+            kind = "bf16 products" if bf16 and ops.has_bf16() else "fp32 products"
+            rows.append({"kernel": f"phi-onnx CausalAttention, {kind}", "ms": round(ms, 2),
+                         "gflop_s": round(causal_gflop / ms * 1e3, 1), "work": 0.5, "max_diff": same})  # fmt: skip
     return rows
 
 

@@ -104,3 +104,8 @@ def test_kernel_table_times_every_variant_and_chunked_attention_is_exact(tmp_pat
     assert [r["work"] for r in chunked] == [1.0, 0.75, 0.625, 0.562]
     assert all(r["max_diff"] < 1e-5 for r in chunked), "a prompt split in chunks must attend exactly as one pass"
     assert "| GroupQueryAttention, 4 chunks |" in capsys.readouterr().out
+    from phi_onnx_export import ops
+
+    if ops.unsupported() is None:  # phi-onnx's kernel, fp32 products: GroupQueryAttention's result to float rounding
+        own = {r["kernel"]: r for r in result["attention"] if r["kernel"].startswith("phi-onnx CausalAttention")}
+        assert len(own) == 2 and own["phi-onnx CausalAttention, fp32 products"]["max_diff"] < 1e-5
