@@ -19,6 +19,7 @@ from phi_onnx.generation import Chunk, Generation, collect
 from phi_onnx.hub.modelinfo import ModelInfo, inspect_model
 from phi_onnx.images import ImageInput, load_frames
 from phi_onnx.inputs import CROPS, DECODED, HDCache, added_tokens, end_tokens, expand_message, time_label
+from phi_onnx.memory import release_mapped_weights
 from phi_onnx.options import GenerationOptions
 from phi_onnx.preprocess import image_token_count
 from phi_onnx.prompt import IMAGE_TAG, build_prompt, prompt_from_text, splice_image_tokens
@@ -178,6 +179,8 @@ class PhiVision:
         if vision == "phi-onnx":
             self._vision, vision_file = open_vision(self.info, provider, self.threads, image_cache_mb)
         self._model = _og.open_model(self.folder, provider, self.threads, vision_file)
+        # onnxruntime keeps the weight files mapped after packing them: give their pages back (see phi_onnx.memory)
+        self.released_bytes = release_mapped_weights(self.folder)
         self.kv_reserve = kv_reserve
         self.kv_token_bytes = kv_bytes_per_token(self.info.config, kv_dtype(self.info))
         self.sessions = SessionPool(kv_pool, int(kv_pool_mb * 2**20))  # live generators for stateless callers
