@@ -53,11 +53,15 @@ def markdown(result: dict[str, Any]) -> str:
     sized = [p for p in result["paths"] if p.get("model_files_mb") and not p.get("skipped")]
     if sized:
         lines += ["", "Memory against the model's files (as stored: the folder, or the checkpoint's safetensors; "
-                  "private = anonymous memory, without the pages of mapped files):"]  # fmt: skip
+                  "once loaded = the peak while generating; private = anonymous memory, without the pages of mapped "
+                  "files):"]  # fmt: skip
         for p in sized:
-            files, private = p["model_files_mb"], p.get("peak_private_mb")
+            files, private, running = p["model_files_mb"], p.get("peak_private_mb"), p.get("run_peak_rss_mb")
             mine = f", private {private / files:.2f}x" if private else ""
-            lines.append(f"- {p['label']}: files {_num(files)} MB; peak RSS {p['peak_rss_mb'] / files:.2f}x{mine}")
+            after = f" ({running / files:.2f}x once loaded)" if running else ""
+            lines.append(
+                f"- {p['label']}: files {_num(files)} MB; peak RSS {p['peak_rss_mb'] / files:.2f}x{after}{mine}"
+            )
     kernels = next((p["kernels"] for p in result["paths"] if p.get("kernels")), None)
     if kernels:
         flags = " ".join(kernels["cpuinfo_flags"]) or "none of the relevant flags"

@@ -152,6 +152,22 @@ UNCACHED = {"image_cache_mb": 0, "kv_pool": 0}
 PRIVATE = PrivateMemory()  # started by the worker process, read by the paths next to peak_rss_mb()
 
 
+def reset_peak_rss() -> float | None:
+    """This process's peak resident memory so far (MiB), then restart the count from the current RSS, so that a later
+    :func:`peak_rss_mb` is the peak since (Linux: ``/proc/self/clear_refs`` 5). The paths call it after loading: the
+    loading and the generating peaks differ (onnxruntime reads its weight files while packing them, and phi-onnx gives
+    those pages back afterwards: phi_onnx.memory). None where it cannot restart the count."""
+    peak = status_mb("VmHWM")
+    if peak is None:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    return peak
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB.
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb
+from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb, reset_peak_rss
 
 DEFAULT_EOS = (32000, 32007)
 PRECISIONS = ("fp32", "bf16")
@@ -84,6 +84,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         model.vision = torch.compile(model.vision, dynamic=True)
         model.lm = torch.compile(model.lm, dynamic=True)
     load_ms = (time.perf_counter() - t0) * 1e3
+    load_peak = reset_peak_rss()
     eos = sorted(set(DEFAULT_EOS) | set(_eos_ids(Path(spec.source))))
 
     def encode(text: str) -> list[int]:
@@ -121,7 +122,8 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "load_ms": load_ms,
         "threads": torch.get_num_threads(),
         "runs": runs,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": max(peak_rss_mb(), load_peak or 0.0),
+        "run_peak_rss_mb": peak_rss_mb() if load_peak is not None else None,
         "peak_private_mb": PRIVATE.peak_mb(),
         "model_files_mb": sum(f.stat().st_size for f in Path(spec.source).glob("*.safetensors")) / 2**20,
         "peak_gpu_mb": None,

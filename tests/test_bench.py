@@ -88,7 +88,7 @@ def test_markdown_table_and_chart(both_paths):
     assert "| ort-fp32 / pytorch | 4 |" in table and "| onnxruntime-genai / fastest PyTorch |" in table
     assert "CPU kernels (PyTorch's view): level" in table
     assert "| peak RSS MB | private MB |" in table and "Memory against the model's files" in table
-    assert re.search(r"- ort-fp32: files [\d,]+ MB; peak RSS [\d.]+x, private [\d.]+x", table)
+    assert re.search(r"- ort-fp32: files [\d,]+ MB; peak RSS [\d.]+x \([\d.]+x once loaded\), private [\d.]+x", table)
     assert "[bench]" not in table  # progress goes to stderr
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
