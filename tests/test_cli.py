@@ -133,6 +133,9 @@ def test_info(tiny_model_dir):
     assert "onnxruntime-genai" in data["packages"]
     text = run_cli("info", str(tiny_model_dir))
     assert "phi3v" in text.stdout and "providers" in text.stdout
+    if (tiny_model_dir / "phi_onnx_ops.so").is_file():  # CPU builds carry phi-onnx's kernels where g++ exists
+        assert data["model"]["custom_ops"] == {"vision": "phi_onnx_ops.so", "decoder": "phi_onnx_ops.so"}
+        assert "kernels    phi_onnx_ops.so (decoder), phi_onnx_ops.so (vision)" in text.stdout
 
 
 def test_export_tiny_then_verify(tmp_path):

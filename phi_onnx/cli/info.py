@@ -66,6 +66,14 @@ def describe(model: str | Path | None) -> dict[str, Any]:
             }
             for role, graph in (("vision", info.vision), ("embedding", info.embedding), ("decoder", info.decoder))
         },
+        # native operator libraries the folder loads (phi-onnx's CPU builds: its attention kernels), per graph
+        "custom_ops": {
+            role: settings["session_options"]["custom_ops_library"]
+            for role, settings in info.config.get("model", {}).items()
+            if isinstance(settings, dict)
+            and isinstance(settings.get("session_options"), dict)
+            and settings["session_options"].get("custom_ops_library")
+        },
     }
     return data
 
@@ -91,6 +99,9 @@ def render(data: dict[str, Any]) -> str:
                 if len(shown) > 4:
                     shown = [*shown[:3], f"... {len(shown) - 3} more"]
                 lines.append(f"  {kind:<8} " + "; ".join(shown))
+        if m.get("custom_ops"):
+            libraries = ", ".join(f"{lib} ({role})" for role, lib in m["custom_ops"].items())
+            lines.append(f"kernels    {libraries}: native operators, built with the folder")
     lines.append("providers  " + ", ".join(f"{p}: {s}" for p, s in data["providers"].items()))
     lines.append("packages   " + ", ".join(f"{n} {v}" for n, v in data["packages"].items()))
     lines.append(f"python     {data['python']} on {data['platform']}")
