@@ -36,7 +36,8 @@ def compiler() -> str | None:
 def unsupported() -> str | None:
     """Why this machine cannot build or run the library (None if it can)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the causal attention kernel is for Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+        here = f"{platform.system()} {platform.machine()}"
+        return f"phi-onnx's attention kernels are for Linux on x86-64 (this is {here})"
     flags = _cpu_flags()
     if flags is not None and not ({"avx2", "fma"} <= flags or "avx512f" in flags):
         return "this CPU has neither AVX-512 nor AVX2 with FMA"
@@ -64,7 +65,7 @@ def has_bf16() -> bool:
 
 
 def compile_library(folder: Path) -> str | None:
-    """Compile ``causal_attention.cc`` to ``folder / LIBRARY``. Returns None, or why it could not (nothing written)."""
+    """Compile ``attention.cc`` to ``folder / LIBRARY``. Returns None, or why it could not (nothing written)."""
     reason = unsupported()
     if reason:
         return reason

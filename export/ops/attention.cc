@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
 
 #include <immintrin.h>
 #include <string>
@@ -205,7 +207,14 @@ OrtStatus* dispatch(Problem& p, bool bf16, const char* op) {
   if (!wide && !avx2) return status(kFail, std::string(op) + ": this CPU has neither AVX-512 nor AVX2 with FMA");
   if (p.dim % (wide ? 16 : 8) != 0 || p.dim > 1024)
     return status(kInvalidArgument, std::string(op) + ": the head size is not a multiple of the vector width (or over 1024)");
-  const char* error = wide ? lanes16::run(p) : lanes8::run(p);
+  const char* error = nullptr;
+  try {  // nothing may unwind into onnxruntime: an allocation that fails is an error status, not an abort
+    error = wide ? lanes16::run(p) : lanes8::run(p);
+  } catch (const std::bad_alloc&) {
+    error = "out of memory for the packed operands";
+  } catch (const std::exception& e) {
+    return status(kFail, std::string(op) + ": " + e.what());
+  }
   return error ? status(kFail, std::string(op) + ": " + error) : nullptr;
 }
 
@@ -766,13 +775,13 @@ static const char* run_batch(const Problem& p, int b) {
   if (!ok) return "the thread pool refused the work";
   // 2. attention, one block of MR query rows of one head per task, the longest blocks first
   const int blocks = rows / MR;
-  std::vector<std::unique_ptr<float[]>> scratch(std::max(1, p.threads));
-  // per worker: the scores [MR][tpad], the outputs [MR][D] and for bf16 the probabilities [MR][tpad] in bf16
+  // per worker, allocated here (no allocation may throw on a pool thread): the scores [MR][tpad], the outputs
+  // [MR][D] and for bf16 the probabilities [MR][tpad] in bf16
   const size_t need = size_t(MR) * tpad + size_t(MR) * D + (BF16 ? size_t(MR) * tpad / 2 : 0);
+  const int workers = std::max(1, std::min(p.threads, H * blocks));
+  std::unique_ptr<float[]> scratch(new float[need * workers]);
   const bool done = parallel(p, H * blocks, [&](int t, int worker) {
-    std::unique_ptr<float[]>& buf = scratch[worker];
-    if (!buf) buf.reset(new float[need]);
-    float* sc = buf.get();
+    float* sc = scratch.get() + need * size_t(worker);
     float* acc = sc + size_t(MR) * tpad;
     const int h = t % H, blk = blocks - 1 - t / H, s0 = blk * MR, g = h / group;
     const int keys = p.causal ? std::min(total, past + s0 + MR) : total;  // keys any row of this block sees
