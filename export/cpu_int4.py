@@ -10,8 +10,7 @@ from pathlib import Path
 
 from phi_onnx.errors import ExportError
 from phi_onnx_export.build import _quiet_warnings
-
-PREFILL_MIN_TOKENS = 2  # passes of at least this many tokens (the prompt) take the int8 branch; decode steps the int4
+from phi_onnx_export.ops import prompt_condition
 
 
 def quantize_decoder(
@@ -35,7 +34,7 @@ def quantize_decoder(
     """
     import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     model = onnx.load(str(src), load_external_data=False)
@@ -46,15 +45,8 @@ def quantize_decoder(
     data = dst.parent / (dst.name + ".data")
     with _DataWriter(data, src.parent) as writer:
         nodes = []
-        if int8_prefill:
-            threshold = numpy_helper.from_array(np.array([PREFILL_MIN_TOKENS - 1], np.int64), "/dual/threshold")
-            graph.initializer.append(threshold)
-            nodes += [
-                helper.make_node("Shape", ["inputs_embeds"], ["/dual/seq_len"], name="/dual/Shape", start=1, end=2),
-                helper.make_node("Greater", ["/dual/seq_len", threshold.name], ["/dual/prompt_1d"],
-                                 name="/dual/Greater"),
-                helper.make_node("Squeeze", ["/dual/prompt_1d"], ["/dual/is_prompt"], name="/dual/Squeeze"),
-            ]  # fmt: skip
+        # prompts (2 positions or more) take the int8 branch, decode steps the int4 one
+        condition = prompt_condition(graph) if int8_prefill else None
         quantized: set[str] = set()
         new_inits = []
         for node in graph.node:
@@ -96,7 +88,7 @@ def quantize_decoder(
             decode = helper.make_graph([step], step.name + "/step", [],
                                        [helper.make_tensor_value_info(out + "/int4", TensorProto.FLOAT, None)],
                                        [b4, s4])  # fmt: skip
-            nodes.append(helper.make_node("If", ["/dual/is_prompt"], [out], name=step.name + "/dual",
+            nodes.append(helper.make_node("If", [condition], [out], name=step.name + "/dual",
                                           then_branch=prompt, else_branch=decode))  # fmt: skip
         del graph.node[:]
         graph.node.extend(nodes)

@@ -286,6 +286,13 @@ def test_int4_build_reports_agreement(tmp_path, tiny_checkpoint):
     assert b"MatMulNBits" in text
     assert b"DynamicQuantizeMatMul" in text, "CPU int4 builds get the int8 prompt path by default"
     assert b"MatMulInteger" in (out / "phi-3-v-instruct-vision.onnx").read_bytes(), "and int8 vision weights"
+    import onnx
+
+    graph = onnx.load(str(out / "phi-3-v-instruct-text.onnx"), load_external_data=False).graph
+    # the int8 twins' Ifs and (where the kernels were built) the causal attention's read one prompt condition
+    prompt_ifs = [n for n in graph.node if n.op_type == "If" and n.name.endswith(("/dual", "/prompt_or_step"))]
+    assert prompt_ifs and {n.input[0] for n in prompt_ifs} == {"/prompt/is_prompt"}
+    assert sum(n.op_type == "Shape" and n.name.startswith("/prompt/") for n in graph.node) == 1
     report = verify(out, tiny_checkpoint, new_tokens=8, cases={"1 image": ((600, 400),)}, count_shapes=((600, 400),))
     assert report.precision == "int4"
     info = [c for c in report.checks if not c.asserted]

@@ -22,7 +22,7 @@ from pathlib import Path
 LIBRARY = "phi_onnx_ops.so"
 DOMAIN = "phi_onnx"
 SOURCE = Path(__file__).with_name("attention.cc")
-PROMPT_MIN_TOKENS = 2  # passes of at least this many tokens take the causal kernel; decode steps keep GQA
+PROMPT_MIN_TOKENS = 2  # passes of at least this many positions are prompts (the If branches); decode steps are 1
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-pthread"]
 
 
@@ -95,14 +95,17 @@ def use_causal_attention(model, *, head_size: int, bf16: bool) -> int:
     from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
-    condition = _prompt_condition(graph)
+    if not any(_covered(n) for n in graph.node):
+        return 0  # the graph stays as it was
+    condition = prompt_condition(graph)
     nodes, routed = [], 0
     for node in graph.node:
-        if node.op_type != "GroupQueryAttention" or not _covered(node):
+        if not _covered(node):
             nodes.append(node)
             continue
+        routed += 1
         outputs = list(node.output)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         causal = helper.make_node("CausalAttention", list(node.input)[:9], [o + "/causal" for o in outputs],
                                   name=node.name + "/causal", domain=DOMAIN, bf16=int(bf16), **attrs)  # fmt: skip
         step = NodeProto()
@@ -117,30 +120,29 @@ def use_causal_attention(model, *, head_size: int, bf16: bool) -> int:
         nodes.append(helper.make_node("If", [condition], outputs, name=node.name + "/prompt_or_step",
                                       then_branch=branch(causal, node.name + "/prompt"),
                                       else_branch=branch(step, node.name + "/step")))  # fmt: skip
-        routed += 1
-    if routed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        if all(o.domain != DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _import_domain(model)
     return routed
 
 
-def _prompt_condition(graph) -> str:
-    """A boolean scalar: this pass has at least PROMPT_MIN_TOKENS positions (inputs_embeds or input_ids)."""
+def prompt_condition(graph) -> str:
+    """The name of a boolean scalar in ``graph`` (a decoder's, edited in place): this pass has at least
+    PROMPT_MIN_TOKENS positions (inputs_embeds or input_ids). Made once, at the head of the graph, and shared by every
+    If that tells prompts from decode steps (CPU int4 builds' int8 twins, the causal kernel)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    name = "/causal/is_prompt"
+    name = "/prompt/is_prompt"
     if any(name in n.output for n in graph.node):
         return name
     source = next(i.name for i in graph.input if i.name in ("inputs_embeds", "input_ids"))
-    threshold = numpy_helper.from_array(np.array([PROMPT_MIN_TOKENS - 1], np.int64), "/causal/threshold")
+    threshold = numpy_helper.from_array(np.array([PROMPT_MIN_TOKENS - 1], np.int64), "/prompt/threshold")
     graph.initializer.append(threshold)
     head = [
-        helper.make_node("Shape", [source], ["/causal/seq_len"], name="/causal/Shape", start=1, end=2),
-        helper.make_node("Greater", ["/causal/seq_len", threshold.name], ["/causal/prompt_1d"], name="/causal/Greater"),
-        helper.make_node("Squeeze", ["/causal/prompt_1d"], [name], name="/causal/Squeeze"),
+        helper.make_node("Shape", [source], ["/prompt/seq_len"], name="/prompt/Shape", start=1, end=2),
+        helper.make_node("Greater", ["/prompt/seq_len", threshold.name], ["/prompt/prompt_1d"], name="/prompt/Greater"),
+        helper.make_node("Squeeze", ["/prompt/prompt_1d"], [name], name="/prompt/Squeeze"),
     ]
     rest = list(graph.node)
     del graph.node[:]
@@ -149,9 +151,10 @@ def _prompt_condition(graph) -> str:
 
 
 def _covered(node) -> bool:
-    from onnx import helper
-
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """A GroupQueryAttention node the causal kernel computes exactly as onnxruntime does."""
+    if node.op_type != "GroupQueryAttention":
+        return False
+    attrs = _attrs(node)
     inputs = list(node.input) + [""] * (12 - len(node.input))
     if inputs[1] or inputs[2] or any(inputs[9:]) or not all(inputs[i] for i in (0, 3, 4, 5, 6)):
         return False
@@ -188,7 +191,7 @@ def use_bidirectional_attention(model, *, heads: int, head_size: int, bf16: bool
 
     def source(name, perm):  # the [B, S, H D] tensor behind Transpose(perm)(Reshape(x)), or None
         t = producer.get(name)
-        if t is None or t.op_type != "Transpose" or _ints(t, "perm") != perm:
+        if t is None or t.op_type != "Transpose" or _attrs(t).get("perm") != perm:
             return None, []
         r = producer.get(t.input[0])
         if r is None or r.op_type != "Reshape" or len(consumers.get(r.output[0], [])) != 1:
@@ -197,14 +200,14 @@ def use_bidirectional_attention(model, *, heads: int, head_size: int, bf16: bool
 
     replaced, dropped, added = 0, set(), {}
     for softmax in graph.node:
-        if softmax.op_type != "Softmax" or _ints(softmax, "axis") not in (-1, None):
+        if softmax.op_type != "Softmax" or _attrs(softmax).get("axis", -1) != -1:
             continue
         scores, probs = producer.get(softmax.input[0]), only_consumer(softmax.output[0])
         if scores is None or scores.op_type != "MatMul" or probs is None or probs.op_type != "MatMul":
             continue
         back = only_consumer(probs.output[0])
         final = only_consumer(back.output[0]) if back is not None else None
-        if back is None or back.op_type != "Transpose" or _ints(back, "perm") != [0, 2, 1, 3]:
+        if back is None or back.op_type != "Transpose" or _attrs(back).get("perm") != [0, 2, 1, 3]:
             continue
         if final is None or final.op_type != "Reshape" or probs.input[0] != softmax.output[0]:
             continue
@@ -225,18 +228,21 @@ def use_bidirectional_attention(model, *, heads: int, head_size: int, bf16: bool
         kept = [added.get(id(n), n) for n in graph.node if id(n) not in dropped or id(n) in added]
         del graph.node[:]
         graph.node.extend(_live(graph, kept))
-        if all(o.domain != DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        _import_domain(model)
     return replaced
 
 
-def _ints(node, name):
+def _attrs(node) -> dict:
     from onnx import helper
 
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a) if a.type != a.INT else a.i
-    return None
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _import_domain(model) -> None:
+    from onnx import helper
+
+    if all(o.domain != DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
 
 def _live(graph, nodes):

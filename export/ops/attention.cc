@@ -62,7 +62,6 @@ struct Problem {
   const int32_t* seqlens_k;
   const float* cos;
   const float* sin;
-  int64_t max_positions;
   float* out;
   float* present_key;
   float* present_value;
@@ -289,7 +288,6 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   p.seqlens_k = seqlens;
   p.cos = static_cast<const float*>(cos.data);
   p.sin = static_cast<const float*>(sin.data);
-  p.max_positions = cos.shape[0];
   p.out = static_cast<float*>(o[0].data);
   p.present_key = static_cast<float*>(o[1].data);
   p.present_value = static_cast<float*>(o[2].data);
