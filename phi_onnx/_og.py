@@ -131,52 +131,59 @@ def custom_ops_library(folder: Path, config: Mapping[str, Any]) -> Path | None:
     return path
 
 
-def session_overlay(provider: str, threads: int | None) -> dict[str, Any]:
+def session_overlay(provider: str, threads: int | None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The genai_config overlay phi-onnx applies: on the CPU, the thread settings on all three phi3v sessions.
 
     onnxruntime's default is not "all cores" everywhere (with default settings onnxruntime-genai ran on one core of
-    this project's 2-core machines), so the count is always explicit.
+    this project's 2-core machines), so the count is always explicit. og's overlay replaces a graph's
+    ``session_options`` as a whole, so each graph's options from the folder's ``config`` (its genai_config.json) are
+    carried over under phi-onnx's: the operator library of phi-onnx's CPU builds among them.
     """
     if provider != "cpu":
         return {}
     options = cpu_session_options(threads or default_threads())
-    return {"model": {graph: {"session_options": dict(options)} for graph in _SESSION_GRAPHS}}
+    graphs = config.get("model", {}) if isinstance(config, Mapping) else {}
+
+    def own(graph: str) -> dict[str, Any]:
+        settings = graphs.get(graph) if isinstance(graphs, Mapping) else None
+        found = settings.get("session_options") if isinstance(settings, Mapping) else None
+        return dict(found) if isinstance(found, Mapping) else {}
+
+    return {"model": {graph: {"session_options": {**own(graph), **options}} for graph in _SESSION_GRAPHS}}
 
 
-def open_model(folder: Path, provider: str, threads: int | None, vision_file: str | None = None):
+def open_model(
+    folder: Path,
+    provider: str,
+    threads: int | None,
+    vision_file: str | None = None,
+    config: Mapping[str, Any] | None = None,
+):
     """Create ``og.Model`` for a phi3v folder on a provider, with :func:`session_overlay` applied.
 
     ``vision_file`` replaces the vision graph; it must be a path relative to the folder (og joins it to the folder as
-    a string, so an absolute path does not work).
+    a string, so an absolute path does not work). ``config``: the folder's genai_config.json as already read (read
+    here if not given).
     """
     mod = og()
+    if config is None:
+        try:
+            config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}  # og reports an unreadable config itself
     try:
-        config = mod.Config(str(folder))
-        config.clear_providers()
+        og_config = mod.Config(str(folder))
+        og_config.clear_providers()
         if provider != "cpu":
-            config.append_provider(provider)
-        overlay = session_overlay(provider, threads)
-        _keep_custom_ops(folder, overlay)
+            og_config.append_provider(provider)
+        overlay = session_overlay(provider, threads, config)
         if vision_file is not None:
             overlay.setdefault("model", {}).setdefault("vision", {})["filename"] = vision_file
         if overlay:
-            config.overlay(json.dumps(overlay))
-        return mod.Model(config)
+            og_config.overlay(json.dumps(overlay))
+        return mod.Model(og_config)
     except RuntimeError as err:
         raise ModelError(f"onnxruntime-genai could not load {folder}: {first_line(err)}") from err
-
-
-def _keep_custom_ops(folder: Path, overlay: dict[str, Any]) -> None:
-    """og's overlay replaces a graph's session_options as a whole: carry the folder's operator library over (phi-onnx's
-    attention kernels in CPU builds), or the graph would no longer find its operators."""
-    try:
-        graphs = json.loads((folder / "genai_config.json").read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # og reports an unreadable config itself
-    for graph, settings in overlay.get("model", {}).items():
-        options = graphs.get(graph, {}).get("session_options", {}) if isinstance(graphs.get(graph), dict) else {}
-        if isinstance(options, dict) and options.get("custom_ops_library") and "session_options" in settings:
-            settings["session_options"]["custom_ops_library"] = options["custom_ops_library"]
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

@@ -178,7 +178,7 @@ class PhiVision:
         vision_file = None
         if vision == "phi-onnx":
             self._vision, vision_file = open_vision(self.info, provider, self.threads, image_cache_mb)
-        self._model = _og.open_model(self.folder, provider, self.threads, vision_file)
+        self._model = _og.open_model(self.folder, provider, self.threads, vision_file, self.info.config)
         # onnxruntime keeps the weight files mapped after packing them: give their pages back (see phi_onnx.memory)
         self.released_bytes = release_mapped_weights(self.folder)
         self.kv_reserve = kv_reserve

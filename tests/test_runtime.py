@@ -299,6 +299,15 @@ def test_threads_default_to_all_cores(tiny_model, tiny_model_dir):
         assert overlay["model"][graph]["session_options"]["intra_op_num_threads"] == _og.default_threads()
     assert _og.session_overlay("cpu", 1)["model"]["vision"]["session_options"]["intra_op_num_threads"] == 1
     assert _og.session_overlay("cuda", None) == {}
+    # og replaces a graph's session_options as a whole: the folder's own (the kernels' library too) are carried over
+    folder = tiny_model.info.config["model"]
+    carried = _og.session_overlay("cpu", 1, tiny_model.info.config)["model"]
+    for graph in ("decoder", "vision", "embedding"):
+        assert carried[graph]["session_options"] == {**folder[graph]["session_options"], **_og.cpu_session_options(1)}
+    assert (
+        "custom_ops_library" in carried["vision"]["session_options"]
+        or not (tiny_model_dir / "phi_onnx_ops.so").exists()
+    )
     one = phi_onnx.load(tiny_model_dir, device="cpu", threads=1)  # onnxruntime-genai accepts the overlay
     assert one.threads == 1
     assert one.generate("Hi", max_new_tokens=2).generated_tokens == 2
