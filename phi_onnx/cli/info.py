@@ -47,7 +47,7 @@ def describe(model: str | Path | None) -> dict[str, Any]:
         data["providers"] = {"error": str(err)}
     if model is None:
         return data
-    from phi_onnx.hub.modelinfo import inspect_model
+    from phi_onnx.hub.modelinfo import inspect_model, native_libraries
 
     info = inspect_model(Path(model).expanduser())
     data["model"] = {
@@ -67,13 +67,7 @@ def describe(model: str | Path | None) -> dict[str, Any]:
             for role, graph in (("vision", info.vision), ("embedding", info.embedding), ("decoder", info.decoder))
         },
         # native operator libraries the folder loads (phi-onnx's CPU builds: its attention kernels), per graph
-        "custom_ops": {
-            role: settings["session_options"]["custom_ops_library"]
-            for role, settings in info.config.get("model", {}).items()
-            if isinstance(settings, dict)
-            and isinstance(settings.get("session_options"), dict)
-            and settings["session_options"].get("custom_ops_library")
-        },
+        "custom_ops": native_libraries(info.config),
     }
     return data
 

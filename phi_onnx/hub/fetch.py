@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.errors import FetchError, ModelError
-from phi_onnx.hub.modelinfo import OFFICIAL_REPOS, check_genai_config, inspect_model
+from phi_onnx.hub.modelinfo import OFFICIAL_REPOS, check_genai_config, inspect_model, native_libraries
 from phi_onnx.hub.verify import MARKER, RemoteFile, load_marker, verify_folder
 
 DEFAULT_REPO = OFFICIAL_REPOS[0]
@@ -108,8 +108,7 @@ def fetch(
     if force:
         (path / MARKER).unlink(missing_ok=True)
     verify_folder(path, expected, repo=repo, commit=commit, progress=progress)
-    inspect_model(path)
-    refuse_native_code(json.loads((path / "genai_config.json").read_text(encoding="utf-8")), f"{repo}/{folder}")
+    refuse_native_code(inspect_model(path).config, f"{repo}/{folder}")
     return path
 
 
@@ -289,15 +288,14 @@ def refuse_native_code(config: Any, where: str) -> None:
     """Refuse a downloaded folder whose genai_config.json loads a native operator library (``custom_ops_library``):
     onnxruntime-genai would run that code. Microsoft's folders have none; phi-onnx's own CPU builds carry one, built on
     the machine that exported them, and are meant to be used from there."""
-    graphs = config.get("model", {}) if isinstance(config, dict) else {}
-    for graph, settings in graphs.items() if isinstance(graphs, dict) else ():
-        options = settings.get("session_options", {}) if isinstance(settings, dict) else {}
-        if isinstance(options, dict) and options.get("custom_ops_library"):
-            raise ModelError(
-                f"{where} loads a native library ({options['custom_ops_library']}, for its {graph} graph) and phi-onnx "
-                "does not run native code downloaded from the Hub: export the model on this machine with "
-                "`phi-onnx export build`, or ask its publisher for a build made with --portable"
-            )
+    found = native_libraries(config)
+    if found:
+        graph, library = next(iter(found.items()))
+        raise ModelError(
+            f"{where} loads a native library ({library}, for its {graph} graph) and phi-onnx does not run native code "
+            "downloaded from the Hub: export the model on this machine with `phi-onnx export build`, or ask its "
+            "publisher for a build made with --portable"
+        )
 
 
 def _progress(show: bool) -> type | None:
@@ -390,6 +388,5 @@ def _from_cache(
             if isinstance(r, dict)
         }
         verify_folder(path, expected, repo=repo, commit=str(marker.get("commit")), progress=False)
-    inspect_model(path)
-    refuse_native_code(json.loads((path / "genai_config.json").read_text(encoding="utf-8")), f"{repo} ({folder})")
+    refuse_native_code(inspect_model(path).config, f"{repo} ({folder})")
     return path

@@ -241,6 +241,18 @@ def _legacy_reason(model: dict[str, Any]) -> str | None:
     return None
 
 
+def native_libraries(config: Any) -> dict[str, str]:
+    """{graph: library} for each graph whose session options load a native operator library (``custom_ops_library``,
+    which onnxruntime-genai loads and runs: phi-onnx's own CPU builds name their attention kernels there)."""
+    graphs = config.get("model") if isinstance(config, dict) else None
+    found = {}
+    for graph, settings in graphs.items() if isinstance(graphs, dict) else ():
+        options = settings.get("session_options") if isinstance(settings, dict) else None
+        if isinstance(options, dict) and options.get("custom_ops_library"):
+            found[graph] = str(options["custom_ops_library"])
+    return found
+
+
 def check_genai_config(config: Any, source: str) -> dict[str, Any]:
     """Check that a parsed genai_config.json describes a current-format phi3v model.
 
