@@ -94,34 +94,13 @@ def graph_session(folder: Path, graph: str, threads: int | None, profile_prefix:
     onnxruntime-genai gives it, optionally with onnxruntime's profiler writing ``<profile_prefix>_<time>.json``."""
     import onnxruntime as ort
 
-    from phi_onnx import _og
+    from phi_onnx.vision import session_setup
 
     cfg = json.loads((folder / "genai_config.json").read_text())["model"][graph]
-    so = ort.SessionOptions()
+    so, _ = session_setup(ort, cfg.get("session_options", {}), "cpu", threads, folder)
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    level = {
-        "ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "ORT_ENABLE_EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "ORT_ENABLE_ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    merged = {**cfg.get("session_options", {}), **_og.cpu_session_options(threads or _og.default_threads())}
-    library = _og.custom_ops_library(folder, merged)
-    if library is not None:  # phi-onnx's own attention kernels, as onnxruntime-genai registers them
-        so.register_custom_ops_library(str(library))
-    for key, value in merged.items():
-        if key == "intra_op_num_threads":
-            so.intra_op_num_threads = int(value)
-        elif key == "inter_op_num_threads":
-            so.inter_op_num_threads = int(value)
-        elif key == "graph_optimization_level":
-            so.graph_optimization_level = level[value]
-        elif key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
-            setattr(so, key, bool(value))
-        elif key not in ("log_id", "provider_options", "log_severity_level", "enable_profiling", "custom_ops_library"):
-            so.add_session_config_entry(key, str(value))
     return ort.InferenceSession(str(folder / cfg["filename"]), so, providers=["CPUExecutionProvider"])
 
 

@@ -135,7 +135,7 @@ class VisionEncoder:
         self.feature_dtype = out.dtype if out is not None else "float32"
         self.hidden = info.hidden_size
         self.model_id = f"{info.vision.path.resolve()}:{info.vision.path.stat().st_mtime_ns}"
-        options, providers = _session_setup(ort, vision.get("session_options", {}), provider, threads, info.folder)
+        options, providers = session_setup(ort, vision.get("session_options", {}), provider, threads, info.folder)
         try:
             self._session = ort.InferenceSession(str(info.vision.path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
@@ -229,8 +229,9 @@ def provider_available(provider: str) -> bool:
     return _ORT_PROVIDERS[provider] in ort.get_available_providers()
 
 
-def _session_setup(ort, config: dict[str, Any], provider: str, threads: int | None, folder: Path):
-    """onnxruntime SessionOptions and providers mirroring what og builds from genai_config and phi-onnx's overlay."""
+def session_setup(ort, config: dict[str, Any], provider: str, threads: int | None, folder: Path):
+    """onnxruntime SessionOptions and providers mirroring what og builds from a graph's genai_config session options
+    (``config``) and phi-onnx's overlay, for the sessions phi-onnx opens itself (and the benchmark harness)."""
     options = ort.SessionOptions()
     library = _og.custom_ops_library(folder, config)
     if library is not None:  # phi-onnx's own attention kernels (CPU builds: phi_onnx_export.ops)
