@@ -36,13 +36,15 @@ def _export_dir() -> Path:
     return Path(phi_onnx_export.__file__).resolve().parent
 
 
-def _export_sources() -> list[Path]:
+def export_sources() -> list[Path]:
     """Every file of the export step that decides a built folder's bytes: its Python and its C++ kernel."""
     src = _export_dir()
     return [p for p in src.rglob("*") if p.suffix in (".py", ".cc") and "__pycache__" not in p.parts]
 
 
-def _digest(files: Iterable[Path], parts: Iterable[str]) -> str:
+def content_key(files: Iterable[Path], parts: Iterable[str]) -> str:
+    """16 hex digits of the files (named relative to the export package) and the parts: a built folder's cache key,
+    here and in the tests' model cache."""
     digest = hashlib.sha256()
     root = _export_dir()
     for path in sorted(files):
@@ -67,7 +69,7 @@ def cached_checkpoint(size: str, seed: int = 0, cache: Path | None = None) -> Pa
     from phi_onnx_export.tiny import write_random_checkpoint
 
     src = _export_dir()
-    key = _digest((src / name for name in _CHECKPOINT_SOURCES), [size, str(seed), *_versions()[2:]])
+    key = content_key((src / name for name in _CHECKPOINT_SOURCES), [size, str(seed), *_versions()[2:]])
     folder = (cache or cache_dir()) / f"{size}-s{seed}-{key}" / "checkpoint"
     if not (folder / "config.json").is_file():
         _log(f"writing the random {size} checkpoint to {folder}")
@@ -83,7 +85,7 @@ def cached_model(checkpoint: Path, precision: str, device: str = "cpu") -> Path:
     """The folder built from ``checkpoint`` at ``precision``, rebuilt only when the export code or versions change."""
     from phi_onnx_export.build import build
 
-    key = _digest(_export_sources(), [precision, device, *_versions()])
+    key = content_key(export_sources(), [precision, device, *_versions()])
     folder = checkpoint.parent / f"{precision}-{device}-{key}"
     if not (folder / "genai_config.json").is_file():
         _log(f"building the {precision} {device} folder {folder} (once; cached)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -14,18 +13,15 @@ CACHE = Path(os.environ.get("PHI_ONNX_TEST_CACHE", ROOT / ".cache" / "test-model
 
 
 def _source_hash(*parts: str) -> str:
-    """Hash of everything that decides the built bytes: the export code and the build arguments."""
-    digest = hashlib.sha256()
-    export = ROOT / "export"
-    for path in sorted(p for p in export.rglob("*") if p.suffix in (".py", ".cc") and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(export).as_posix().encode() + path.read_bytes())
+    """Hash of everything that decides the built bytes: the export code and the build arguments (the harness's key)."""
     import onnxruntime_genai
     import torch
     import transformers
 
-    for part in (*parts, onnxruntime_genai.__version__, torch.__version__, transformers.__version__):
-        digest.update(part.encode())
-    return digest.hexdigest()[:16]
+    from phi_onnx_bench.models import content_key, export_sources
+
+    versions = (onnxruntime_genai.__version__, torch.__version__, transformers.__version__)
+    return content_key(export_sources(), [*parts, *versions])
 
 
 def build_cached(
