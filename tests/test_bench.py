@@ -225,3 +225,18 @@ def test_private_memory_sampler_catches_a_peak_that_is_gone_when_read():
     time.sleep(0.1)
     assert status_mb("RssAnon") < before + 100, "the block was returned to the system"
     assert sampler.peak_mb() >= before + 150, "the sampler saw it while it was there"
+
+
+def test_the_peak_restarts_after_loading():
+    """reset_peak_rss gives the peak so far (the paths call it after loading) and restarts the count, so the peak the
+    paths report once loaded leaves out what loading alone touched."""
+    import numpy as np
+
+    from phi_onnx_bench.spec import peak_rss_mb, reset_peak_rss
+
+    block = np.ones(200 * 2**20 // 8)  # 200 MiB touched, then returned: a loading peak
+    del block
+    loaded = reset_peak_rss()
+    if loaded is None:
+        pytest.skip("no VmHWM or clear_refs here")
+    assert peak_rss_mb() < loaded - 150

@@ -411,3 +411,14 @@ def test_weight_file_pages_are_given_back_and_answers_do_not_change(tiny_model, 
     assert resident() > 0  # the prompt pass read some weight pages again (the embedding rows, at least)
     assert release_mapped_weights(tiny_model.folder) > 0 and resident() == 0
     assert tiny_model.generate("Describe.", **ask).token_ids == first
+
+
+def test_load_gives_the_weight_pages_back(tiny_model_dir, monkeypatch):
+    """phi_onnx.load hands the folder to release_mapped_weights once its sessions exist (the tiny model's weights leave
+    no pages behind at load, so the call itself is what is checked here; the release is checked above)."""
+    import phi_onnx.model as model_module
+
+    seen = []
+    monkeypatch.setattr(model_module, "release_mapped_weights", lambda folder: seen.append(folder) or 123)
+    loaded = phi_onnx.load(tiny_model_dir, device="cpu")
+    assert seen == [loaded.folder] and loaded.released_bytes == 123
