@@ -12,6 +12,7 @@ GroupQueryAttention node to it, keeping onnxruntime's kernel for single-token de
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -48,20 +49,21 @@ def unsupported() -> str | None:
     return None
 
 
-def _cpu_flags() -> set[str] | None:
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
+            return frozenset(line.split(":", 1)[1].split())
     return None
 
 
 def has_bf16() -> bool:
     """Whether this CPU has AVX512-BF16 (the kernel's bfloat16 products; without it the kernel computes in fp32)."""
-    return "avx512_bf16" in (_cpu_flags() or set())
+    return "avx512_bf16" in (_cpu_flags() or ())
 
 
 def compile_library(folder: Path) -> str | None:
