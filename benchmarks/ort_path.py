@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx_bench.spec import PRIVATE, UNCACHED, PathSpec, Samples, Workload, peak_rss_mb, reset_peak_rss
+from phi_onnx_bench.spec import PRIVATE, UNCACHED, PathSpec, Samples, Workload, peak_rss_mb, reset_peak_rss, rss_figures
 
 
 def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
@@ -70,8 +70,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "load_ms": load_ms,
         "threads": model.threads,
         "runs": runs,
-        "peak_rss_mb": max(peak_rss, load_peak or 0.0),
-        "run_peak_rss_mb": peak_rss if load_peak is not None else None,
+        **rss_figures(load_peak, peak_rss),
         "peak_private_mb": peak_private,
         "model_files_mb": sum(f.stat().st_size for f in Path(model.folder).iterdir() if f.is_file()) / 2**20,
         "peak_gpu_mb": None,

@@ -168,6 +168,15 @@ def reset_peak_rss() -> float | None:
     return peak
 
 
+def rss_figures(load_peak: float | None, run_peak: float) -> dict[str, float | None]:
+    """A path's RSS figures from :func:`reset_peak_rss`'s loading peak and the peak since: the whole run's peak and,
+    where the count could be restarted, the peak once loaded."""
+    return {
+        "peak_rss_mb": max(run_peak, load_peak or 0.0),
+        "run_peak_rss_mb": run_peak if load_peak is not None else None,
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB.
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb, reset_peak_rss
+from phi_onnx_bench.spec import PRIVATE, PathSpec, Samples, Workload, peak_rss_mb, reset_peak_rss, rss_figures
 
 DEFAULT_EOS = (32000, 32007)
 PRECISIONS = ("fp32", "bf16")
@@ -122,8 +122,7 @@ def run(spec: PathSpec, work: Workload) -> dict[str, Any]:
         "load_ms": load_ms,
         "threads": torch.get_num_threads(),
         "runs": runs,
-        "peak_rss_mb": max(peak_rss_mb(), load_peak or 0.0),
-        "run_peak_rss_mb": peak_rss_mb() if load_peak is not None else None,
+        **rss_figures(load_peak, peak_rss_mb()),
         "peak_private_mb": PRIVATE.peak_mb(),
         "model_files_mb": sum(f.stat().st_size for f in Path(spec.source).glob("*.safetensors")) / 2**20,
         "peak_gpu_mb": None,
